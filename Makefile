@@ -1,0 +1,36 @@
+# `make demo` and `make test` work on a fresh machine: they create .venv and install what they need.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip install --disable-pip-version-check -q
+
+.PHONY: install install-dev test demo bench clean
+
+install: $(VENV)/.runtime-installed
+install-dev: $(VENV)/.dev-installed
+
+$(PY):
+	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "qsharp_jax needs Python >= 3.11 (set PYTHON=...)"'
+	$(PYTHON) -m venv $(VENV)
+
+# Stamps make a repeated install a no-op until a requirements file or pyproject.toml changes.
+$(VENV)/.runtime-installed: requirements.txt pyproject.toml | $(PY)
+	$(PIP) -r requirements.txt
+	$(PIP) --no-deps -e .
+	touch $@
+
+$(VENV)/.dev-installed: requirements-dev.txt $(VENV)/.runtime-installed
+	$(PIP) -r requirements-dev.txt
+	touch $@
+
+test: install-dev
+	$(PY) -m pytest -q
+
+demo: install
+	$(VENV)/bin/qsharp tabular --config experiments/tabular/config.yaml
+
+bench: install-dev
+	@echo "No benchmarks yet: the rollout engine and train step (issues 5, 6) add them here."
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .hypothesis
