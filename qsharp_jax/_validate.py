@@ -7,7 +7,7 @@ compiled code through a host callback, so a jitted step fails loudly instead of 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import chex
 import jax
@@ -19,13 +19,16 @@ import numpy as np
 RANGE_TOLERANCE = 1e-6
 
 
-def check_value(bad: jax.Array, message: str, *details: jax.Array) -> None:
-    """Raise ``ValueError(message.format(*details))`` when the scalar ``bad`` is true.
+def check_value(bad_fn: Callable[..., tuple], message: str, *args: Any) -> None:
+    """Raise ``ValueError(message.format(*details))`` when ``bad_fn(*args)`` reports bad input.
 
-    Concrete inputs raise here, immediately. Under ``jit``/``grad``/``vmap`` the check runs on the
-    host when the compiled code executes; the ``ValueError`` then surfaces wrapped in a
-    ``JaxRuntimeError`` whose text contains ``message``.
+    ``bad_fn`` returns ``(bad, *details)``: a scalar bool and values for the message. Concrete
+    arguments (also constants closed over inside ``jit``) are checked now, at trace time. Traced
+    arguments are checked on the host when the compiled code runs; the ``ValueError`` then surfaces
+    wrapped in a ``JaxRuntimeError`` whose text contains ``message``.
     """
+    with jax.ensure_compile_time_eval():
+        bad, *details = bad_fn(*args)
     try:
         is_bad = bool(bad)
     except jax.errors.ConcretizationTypeError:
@@ -46,9 +49,8 @@ def check_atoms(atoms: jax.Array) -> None:
     chex.assert_type(atoms, float, custom_message="atoms must be floating point")
     if atoms.shape[0] < 2:
         raise ValueError(f"atoms needs at least 2 values to span a return range, got shape {atoms.shape}")
-    gaps = atoms[1:] - atoms[:-1]
     check_value(
-        jnp.any(~(gaps > 0)),  # also catches NaN
+        lambda z: (jnp.any(~(z[1:] > z[:-1])), z),  # `~(>)` also catches NaN
         "atoms must be strictly increasing (e.g. jnp.linspace(0, 1, 11)); got {}",
         atoms,
     )
@@ -58,10 +60,10 @@ def check_eta(eta: Any) -> None:
     """η is the paper's KL coefficient: a positive scalar (the official code's `eta` is 1/η)."""
     chex.assert_rank(eta, 0, custom_message="eta (the KL coefficient η) must be a scalar")
     check_value(
-        ~(jnp.asarray(eta) > 0),
+        lambda e: (~(jnp.asarray(e) > 0), e),
         "eta (the KL coefficient η) must be > 0, got {}. Note: η here is the paper's KL coefficient; "
         "the official code's `eta` flag is 1/η.",
-        jnp.asarray(eta),
+        eta,
     )
 
 
@@ -75,19 +77,28 @@ def check_mask(mask: jax.Array | None, shape: tuple[int, ...], name: str) -> jax
 
 
 def check_in_range(
-    values: jax.Array, lo: jax.Array, hi: jax.Array, where: jax.Array, name: str, fix: str
+    values: jax.Array, atoms: jax.Array, where: Any, name: str, fix: str
 ) -> None:
-    """``values`` must lie in ``[lo, hi]`` wherever ``where`` holds (padding is ignored)."""
-    tol = RANGE_TOLERANCE * (hi - lo)
-    outside = (values < lo - tol) | (values > hi + tol) | jnp.isnan(values)
-    outside = outside & where
+    """``values`` must lie in ``[atoms[0], atoms[-1]]`` wherever ``where`` holds (padding is ignored)."""
+    def bad_fn(values, atoms, where):
+        lo, hi = atoms[0], atoms[-1]
+        tol = RANGE_TOLERANCE * (hi - lo)
+        outside = ((values < lo - tol) | (values > hi + tol) | jnp.isnan(values)) & where
+        return (
+            jnp.any(outside),
+            lo,
+            hi,
+            jnp.min(jnp.where(outside, values, jnp.inf)),
+            jnp.max(jnp.where(outside, values, -jnp.inf)),
+        )
+
     check_value(
-        jnp.any(outside),
-        f"{name} must lie inside the atom range [{{}}, {{}}]; got values from {{}} to {{}}. {fix}",
-        lo,
-        hi,
-        jnp.min(jnp.where(outside, values, jnp.inf)),
-        jnp.max(jnp.where(outside, values, -jnp.inf)),
+        bad_fn,
+        f"{name} must lie inside the atom range [{{}}, {{}}]; found values outside it from {{}} to "
+        f"{{}}. {fix}",
+        values,
+        atoms,
+        where,
     )
 
 

@@ -127,10 +127,9 @@ def guided_logits(
     if k < 1:
         raise ValueError("candidate_ids must hold at least one candidate per row (k >= 1)")
     _validate.check_value(
-        jnp.any((candidate_ids < 0) | (candidate_ids >= vocab)),
+        lambda ids: (jnp.any((ids < 0) | (ids >= vocab)), jnp.min(ids), jnp.max(ids)),
         f"candidate_ids must lie in [0, V={vocab}); got ids from {{}} to {{}}",
-        jnp.min(candidate_ids),
-        jnp.max(candidate_ids),
+        candidate_ids,
     )
     ids = candidate_ids.reshape(-1, k)
     offs = offsets.reshape(-1, k).astype(jnp.float32)

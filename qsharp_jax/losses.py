@@ -14,9 +14,11 @@ from __future__ import annotations
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from qsharp_jax import _validate
 
+_UNIT_RANGE = np.array([0.0, 1.0], np.float32)
 _CLIP_HINT = "Widen `atoms` to cover the reward range, or pass clip=True to clip to its ends."
 
 
@@ -78,7 +80,7 @@ def two_hot(values: jax.Array, atoms: jax.Array, *, clip: bool = False) -> jax.A
     _validate.check_atoms(atoms)
     values = jnp.asarray(values)
     if not clip:
-        _validate.check_in_range(values, atoms[0], atoms[-1], True, "values", _CLIP_HINT)
+        _validate.check_in_range(values, atoms, True, "values", _CLIP_HINT)
     return _project(values[..., None], jnp.ones_like(values, jnp.float32)[..., None], atoms)
 
 
@@ -104,10 +106,21 @@ def _check_batch(
     )
 
 
-def _cross_entropy(targets: jax.Array, logits: jax.Array) -> jax.Array:
-    """-Σ_k t_k log softmax(logits)_k over the last axis; 0·log 0 counts as 0."""
-    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return -jnp.sum(jnp.where(targets > 0, targets * log_probs, 0.0), axis=-1)
+def _projected_cross_entropy(
+    logits: jax.Array, support: jax.Array, probs: jax.Array, atoms: jax.Array, mask: jax.Array
+) -> jax.Array:
+    """Masked mean of -Σ_k t_k log softmax(logits)_k, t = stop_gradient(projection of support/probs).
+
+    logits ``[..., K]``, support/probs ``[..., M]``, mask float ``[...]``. Padding is replaced by
+    harmless values before any arithmetic so NaN/inf there reaches neither loss nor gradient.
+    """
+    valid = (mask > 0)[..., None]
+    support = jnp.where(valid, support, atoms[0])
+    probs = jnp.where(valid, probs, 0.0)
+    targets = jax.lax.stop_gradient(_project(support, probs, atoms))
+    log_probs = jax.nn.log_softmax(jnp.where(valid, logits, 0.0).astype(jnp.float32), axis=-1)
+    cross_entropy = -jnp.sum(jnp.where(targets > 0, targets * log_probs, 0.0), axis=-1)  # 0·log 0 = 0
+    return _validate.masked_mean(cross_entropy, mask)
 
 
 def categorical_return_loss(
@@ -138,15 +151,10 @@ def categorical_return_loss(
     returns = jnp.asarray(returns)
     _check_batch(logits, returns, atoms, "logits", "returns")
     mask = _validate.check_mask(mask, returns.shape, "returns")
-    valid = mask > 0
     if not clip:
-        _validate.check_in_range(returns, atoms[0], atoms[-1], valid, "returns", _CLIP_HINT)
-    returns = jnp.where(valid, returns, atoms[0])
-    targets = jax.lax.stop_gradient(
-        _project(returns[..., None], jnp.ones_like(returns, jnp.float32)[..., None], atoms)
-    )
-    logits = jnp.where(valid[..., None], logits, 0.0)
-    return _validate.masked_mean(_cross_entropy(targets, logits), mask)
+        _validate.check_in_range(returns, atoms, mask > 0, "returns", _CLIP_HINT)
+    point_mass = jnp.ones_like(returns, jnp.float32)[..., None]
+    return _projected_cross_entropy(logits, returns[..., None], point_mass, atoms, mask)
 
 
 def categorical_bellman_loss(
@@ -185,22 +193,16 @@ def categorical_bellman_loss(
         [rewards, discounts], custom_message="rewards and discounts must have the same shape [...]"
     )
     mask = _validate.check_mask(mask, rewards.shape, "rewards")
-    valid = mask > 0
     support = rewards[..., None] + discounts[..., None] * atoms
     if not clip:
         _validate.check_in_range(
             support,
-            atoms[0],
-            atoms[-1],
-            valid[..., None] & (next_probs > 0),
+            atoms,
+            (mask > 0)[..., None] & (next_probs > 0),
             "rewards + discounts * atoms (the Bellman target support)",
             _CLIP_HINT,
         )
-    support = jnp.where(valid[..., None], support, atoms[0])
-    next_probs = jnp.where(valid[..., None], next_probs, 0.0)
-    targets = jax.lax.stop_gradient(_project(support, next_probs, atoms))
-    logits = jnp.where(valid[..., None], logits, 0.0)
-    return _validate.masked_mean(_cross_entropy(targets, logits), mask)
+    return _projected_cross_entropy(logits, support, next_probs, atoms, mask)
 
 
 def _check_scalar_batch(values: jax.Array, returns: jax.Array, name: str) -> None:
@@ -234,9 +236,7 @@ def bernoulli_return_loss(
     mask = _validate.check_mask(mask, returns.shape, "returns")
     valid = mask > 0
     if not clip:
-        _validate.check_in_range(
-            returns, jnp.float32(0), jnp.float32(1), valid, "returns", "Pass clip=True to clip."
-        )
+        _validate.check_in_range(returns, _UNIT_RANGE, valid, "returns", "Pass clip=True to clip.")
     returns = jax.lax.stop_gradient(jnp.clip(jnp.where(valid, returns, 0.0), 0.0, 1.0))
     logits = jnp.where(valid, logits, 0.0).astype(jnp.float32)
     bce = -(returns * jax.nn.log_sigmoid(logits) + (1.0 - returns) * jax.nn.log_sigmoid(-logits))

@@ -255,3 +255,16 @@ class BadInputTest(parameterized.TestCase):
             losses.categorical_bellman_loss(
                 jnp.zeros((2, 11)), jnp.zeros((2, 11)), jnp.zeros(2), jnp.zeros(3), jnp.asarray(ATOMS, jnp.float32)
             )
+
+
+def test_constant_inputs_are_checked_at_trace_time():
+    """Atoms and η closed over inside jit are validated while tracing: a plain ValueError, and no
+    host callback left in the compiled step."""
+    bad_atoms = jnp.array([0.0, 0.5, 0.4])
+    with pytest.raises(ValueError, match="strictly increasing"):
+        jax.jit(lambda v: losses.two_hot(v, bad_atoms))(jnp.array([0.1]))
+    atoms = jnp.asarray(ATOMS, jnp.float32)
+    jaxpr = jax.make_jaxpr(lambda v: losses.two_hot(v, atoms, clip=True))(jnp.ones(3))
+    assert "callback" not in str(jaxpr)
+    jaxpr = jax.make_jaxpr(lambda v: losses.two_hot(v, atoms))(jnp.ones(3))
+    assert "callback" in str(jaxpr)  # traced returns still get their range check
