@@ -1,0 +1,47 @@
+"""KV cache pytree for cached decoding: fixed shapes, jit-friendly, donate-able."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+
+@struct.dataclass
+class KVCache:
+    """Keys/values of every layer for ``S`` slots per sequence.
+
+    Slots fill left to right, the same count for every sequence (``index``); a slot written for a
+    padding token has ``kv_mask`` False and is never attended to. Position ids are per sequence, so
+    left-padded prompts decode exactly like unpadded ones.
+
+    Attributes:
+      k, v: ``[layers, batch, slots, kv_heads, head_dim]`` in the model's dtype.
+      kv_mask: bool ``[batch, slots]``, slot holds a real token.
+      kv_positions: int32 ``[batch, slots]``, position id of the token in each slot.
+      positions: int32 ``[batch]``, position id the next real token will get.
+      index: int32 ``[]``, the next slot to write.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    kv_mask: jax.Array
+    kv_positions: jax.Array
+    positions: jax.Array
+    index: jax.Array
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+    @classmethod
+    def create(cls, *, layers: int, batch: int, max_len: int, kv_heads: int, head_dim: int, dtype) -> "KVCache":
+        shape = (layers, batch, max_len, kv_heads, head_dim)
+        return cls(
+            k=jnp.zeros(shape, dtype),
+            v=jnp.zeros(shape, dtype),
+            kv_mask=jnp.zeros((batch, max_len), bool),
+            kv_positions=jnp.zeros((batch, max_len), jnp.int32),
+            positions=jnp.zeros((batch,), jnp.int32),
+            index=jnp.zeros((), jnp.int32),
+        )

@@ -1,0 +1,406 @@
+"""One decoder-only transformer in Flax NNX, configured to be GPT-2 or a Llama-family model.
+
+GPT-2 (learned positions, LayerNorm, GELU MLP, fused biases) and Llama / Qwen2 / Mistral (RoPE,
+RMSNorm, SwiGLU, grouped-query attention) differ only in a handful of switches, so they share this
+code; ``gpt2.py`` and ``llama.py`` turn a Hugging Face ``config.json`` into a
+:class:`TransformerConfig` and hold the Hugging Face parameter-name tables.
+
+Layer parameters are stacked on a leading ``layers`` axis and the forward pass is a ``lax.scan``
+over layers, so compile time does not grow with depth. Every parameter carries logical axis names
+for :mod:`qsharp_jax.sharding`.
+
+Three ways to run the layers:
+  * ``model(input_ids, attention_mask)`` — the whole sequence, no cache.
+  * ``model.extend(input_ids, cache, attention_mask)`` — append tokens to a :class:`KVCache`
+    (prefill a prompt, or decode one or several tokens).
+  * ``model.candidates_hidden(candidate_ids, cache)`` — score k alternative next tokens per
+    sequence in one forward (each attends to the cache and to itself only); the cache is unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Literal
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from qsharp_jax import _validate
+from qsharp_jax.models.cache import KVCache
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "relu": jax.nn.relu,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    """Architecture of a decoder-only transformer (hashable: it is static under jit)."""
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    mlp_dim: int
+    max_positions: int
+    norm: Literal["layernorm", "rmsnorm"] = "rmsnorm"
+    norm_eps: float = 1e-6
+    mlp: Literal["gelu", "gated"] = "gated"  # gated = SwiGLU-style act(gate) * up
+    activation: str = "silu"
+    positions: Literal["learned", "rope"] = "rope"
+    rope_theta: float = 10000.0
+    rope_scaling: tuple[tuple[str, Any], ...] | None = None  # e.g. (("rope_type", "llama3"), ...)
+    qkv_bias: bool = False
+    out_bias: bool = False
+    mlp_bias: bool = False
+    tie_embeddings: bool = False
+    sliding_window: int | None = None
+    model_type: str = "llama"
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"unsupported activation {self.activation!r}; supported: {sorted(ACTIVATIONS)}")
+        if self.positions == "rope" and self.head_dim % 2:
+            raise ValueError(f"RoPE needs an even head_dim, got {self.head_dim}")
+        rope_inv_freq(self)  # validates the rope scaling
+
+
+def rope_inv_freq(cfg: TransformerConfig) -> np.ndarray:
+    """Inverse frequencies ``[head_dim / 2]`` of RoPE, with Llama-3 or linear scaling applied."""
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
+    scaling = dict(cfg.rope_scaling or ())
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return inv
+    if kind == "linear":
+        return inv / scaling["factor"]
+    if kind == "llama3":
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        # long wavelengths are slowed by `factor`, short ones kept, the band between interpolated
+        scaled = np.where(wavelen > old_len / low, inv / factor, inv)
+        smooth = (old_len / wavelen - low) / (high - low)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        return np.where(medium, blended, scaled)
+    raise ValueError(f"unsupported rope scaling {kind!r}; supported: default, linear, llama3")
+
+
+def _init_param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], kind: str, dtype) -> nnx.Param:
+    if kind == "normal":
+        value = 0.02 * jax.random.normal(rngs.params(), shape, jnp.float32)
+    elif kind == "ones":
+        value = jnp.ones(shape, jnp.float32)
+    else:
+        value = jnp.zeros(shape, jnp.float32)
+    return nnx.Param(value.astype(dtype), sharding_names=axes, eager_sharding=False)
+
+
+class Layers(nnx.Module):
+    """All decoder blocks' parameters, stacked on a leading ``layers`` axis."""
+
+    def __init__(self, cfg: TransformerConfig, *, dtype, rngs: nnx.Rngs):
+        for name, (shape, axes, kind) in layer_param_specs(cfg).items():
+            setattr(self, name, _init_param(rngs, shape, axes, kind, dtype))
+
+    def arrays(self) -> dict[str, jax.Array]:
+        return {name: var[...] for name, var in vars(self).items() if isinstance(var, nnx.Param)}
+
+
+def layer_param_specs(cfg: TransformerConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, ...], str]]:
+    """name -> (shape, logical axes, init) of the stacked per-layer parameters."""
+    L, E, H, K, D, F = cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
+    specs = {
+        "attn_norm_scale": ((L, E), ("layers", "embed"), "ones"),
+        "q": ((L, E, H, D), ("layers", "embed", "heads", "head_dim"), "normal"),
+        "k": ((L, E, K, D), ("layers", "embed", "kv_heads", "head_dim"), "normal"),
+        "v": ((L, E, K, D), ("layers", "embed", "kv_heads", "head_dim"), "normal"),
+        "o": ((L, H, D, E), ("layers", "heads", "head_dim", "embed"), "normal"),
+        "mlp_norm_scale": ((L, E), ("layers", "embed"), "ones"),
+        "up": ((L, E, F), ("layers", "embed", "mlp"), "normal"),
+        "down": ((L, F, E), ("layers", "mlp", "embed"), "normal"),
+    }
+    if cfg.norm == "layernorm":
+        specs["attn_norm_bias"] = ((L, E), ("layers", "embed"), "zeros")
+        specs["mlp_norm_bias"] = ((L, E), ("layers", "embed"), "zeros")
+    if cfg.qkv_bias:
+        specs["q_bias"] = ((L, H, D), ("layers", "heads", "head_dim"), "zeros")
+        specs["k_bias"] = ((L, K, D), ("layers", "kv_heads", "head_dim"), "zeros")
+        specs["v_bias"] = ((L, K, D), ("layers", "kv_heads", "head_dim"), "zeros")
+    if cfg.out_bias:
+        specs["o_bias"] = ((L, E), ("layers", "embed"), "zeros")
+    if cfg.mlp == "gated":
+        specs["gate"] = ((L, E, F), ("layers", "embed", "mlp"), "normal")
+    if cfg.mlp_bias:
+        specs["up_bias"] = ((L, F), ("layers", "mlp"), "zeros")
+        specs["down_bias"] = ((L, E), ("layers", "embed"), "zeros")
+        if cfg.mlp == "gated":
+            specs["gate_bias"] = ((L, F), ("layers", "mlp"), "zeros")
+    return specs
+
+
+def _norm(cfg: TransformerConfig, x: jax.Array, scale: jax.Array, bias: jax.Array | None) -> jax.Array:
+    """LayerNorm or RMSNorm computed in float32, returned in ``x``'s dtype."""
+    h = x.astype(jnp.float32)
+    if cfg.norm == "layernorm":
+        h = h - jnp.mean(h, axis=-1, keepdims=True)
+    h = h * jax.lax.rsqrt(jnp.mean(jnp.square(h), axis=-1, keepdims=True) + cfg.norm_eps)
+    h = h.astype(x.dtype) * scale
+    return h + bias if bias is not None else h
+
+
+def _rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotate ``x [B, T, heads, D]`` by ``positions [B, T]`` (Hugging Face's half-split layout)."""
+    angles = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq, jnp.float32)  # [B,T,D/2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Grouped-query attention.
+
+    Args:
+      q: ``[B, T, H, D]``; k, v: ``[B, S, K, D]`` with H a multiple of K.
+      mask: bool ``[B, T, S]``, True where query t may attend to key s.
+
+    Returns:
+      ``[B, T, H, D]`` in ``v``'s dtype; softmax in float32. A query with no allowed key gets a
+      finite (uniform) average, never NaN — it only happens at padding.
+    """
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    q = q.reshape(b, t, kv, h // kv, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(d)
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", weights, v).reshape(b, t, h, d)
+
+
+AttendFn = Callable[[jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
+
+
+class Transformer(nnx.Module):
+    """Decoder-only LM. ``model(input_ids [B, T] int32, attention_mask=None) -> logits [B, T, V] f32``."""
+
+    def __init__(self, cfg: TransformerConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.dtype = dtype
+        E = cfg.hidden_size
+        self.embed = _init_param(rngs, (cfg.vocab_size, E), ("vocab", "embed"), "normal", dtype)
+        if cfg.positions == "learned":
+            self.pos_embed = _init_param(rngs, (cfg.max_positions, E), ("positions", "embed"), "normal", dtype)
+        self.layers = Layers(cfg, dtype=dtype, rngs=rngs)
+        self.final_norm_scale = _init_param(rngs, (E,), ("embed",), "ones", dtype)
+        if cfg.norm == "layernorm":
+            self.final_norm_bias = _init_param(rngs, (E,), ("embed",), "zeros", dtype)
+        if not cfg.tie_embeddings:
+            self.lm_head = _init_param(rngs, (E, cfg.vocab_size), ("embed", "vocab"), "normal", dtype)
+
+    # ---------------------------------------------------------------- public API
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+        return self.logits(self.hidden(input_ids, attention_mask))
+
+    def hidden(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+        """Final-normed hidden states ``[B, T, E]`` of a whole (left- or right-padded) sequence."""
+        input_ids, mask = self._check_ids(input_ids, attention_mask)
+        t = input_ids.shape[1]
+        if self.cfg.positions == "learned" and t > self.cfg.max_positions:
+            raise ValueError(f"sequence length {t} exceeds the model's max_positions={self.cfg.max_positions}")
+        positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+        allowed = mask[:, None, :] & jnp.tril(jnp.ones((t, t), bool))[None]
+        allowed &= self._window(positions, positions)
+
+        def attend(q, k, v, _):
+            return attention(q, k, v, allowed), None
+
+        x, _ = self._run(input_ids, positions, attend, None)
+        return x
+
+    def init_cache(self, batch: int, max_len: int) -> KVCache:
+        """An empty cache for ``batch`` sequences of up to ``max_len`` tokens (prompt + generated)."""
+        if self.cfg.positions == "learned" and max_len > self.cfg.max_positions:
+            raise ValueError(f"cache max_len={max_len} exceeds the model's max_positions={self.cfg.max_positions}")
+        c = self.cfg
+        return KVCache.create(
+            layers=c.num_layers, batch=batch, max_len=max_len, kv_heads=c.num_kv_heads, head_dim=c.head_dim,
+            dtype=self.dtype,
+        )
+
+    def extend(
+        self, input_ids: jax.Array, cache: KVCache, attention_mask: jax.Array | None = None
+    ) -> tuple[jax.Array, KVCache]:
+        """Append ``input_ids [B, T]`` to the cache; return their logits ``[B, T, V]`` and the cache."""
+        hidden, cache = self.extend_hidden(input_ids, cache, attention_mask)
+        return self.logits(hidden), cache
+
+    def extend_hidden(
+        self, input_ids: jax.Array, cache: KVCache, attention_mask: jax.Array | None = None
+    ) -> tuple[jax.Array, KVCache]:
+        """Like :meth:`extend`, returning final-normed hidden states ``[B, T, E]``.
+
+        Prefill is ``extend(prompt, empty_cache, prompt_mask)``; decoding is ``extend(next_token,
+        cache)``. Tokens with ``attention_mask`` False occupy a slot but are never attended to.
+        Writing past ``cache.max_len`` raises when the slot index is concrete and yields NaN
+        hidden states under jit.
+        """
+        input_ids, mask = self._check_ids(input_ids, attention_mask)
+        self._check_cache(cache, input_ids.shape[0])
+        t, slots = input_ids.shape[1], cache.max_len
+        if t > slots:
+            raise ValueError(f"{t} new tokens do not fit a cache of max_len={slots}")
+        _validate.check_value(
+            lambda i: (i + t > slots, i),
+            f"cache overflow: writing {t} tokens at slot {{}} of a cache with max_len={slots}",
+            cache.index,
+        )
+        idx = cache.index
+        positions = cache.positions[:, None] + jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+        kv_mask = jax.lax.dynamic_update_slice(cache.kv_mask, mask, (0, idx))
+        kv_positions = jax.lax.dynamic_update_slice(cache.kv_positions, positions.astype(jnp.int32), (0, idx))
+        query_slots = idx + jnp.arange(t)
+        allowed = kv_mask[:, None, :] & (jnp.arange(slots)[None, None, :] <= query_slots[None, :, None])
+        allowed &= self._window(positions, kv_positions)
+
+        def attend(q, k, v, layer_cache):
+            k_all, v_all = layer_cache
+            k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype), (0, idx, 0, 0))
+            v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype), (0, idx, 0, 0))
+            return attention(q, k_all, v_all, allowed), (k_all, v_all)
+
+        x, (new_k, new_v) = self._run(input_ids, positions, attend, (cache.k, cache.v))
+        x = jnp.where(idx + t > slots, jnp.nan, x)
+        cache = cache.replace(
+            k=new_k, v=new_v, kv_mask=kv_mask, kv_positions=kv_positions,
+            positions=cache.positions + jnp.sum(mask, axis=1, dtype=jnp.int32), index=idx + t,
+        )
+        return x, cache
+
+    def candidates_hidden(self, candidate_ids: jax.Array, cache: KVCache) -> jax.Array:
+        """Hidden states ``[B, k, E]`` of k alternative next tokens per sequence, in one forward.
+
+        Candidate j of sequence b sits at the next position of b and attends to b's cached tokens
+        and to itself only (a diagonal mask), so each row equals appending that single token.
+        """
+        candidate_ids, _ = self._check_ids(candidate_ids, None)
+        self._check_cache(cache, candidate_ids.shape[0])
+        k = candidate_ids.shape[1]
+        positions = jnp.broadcast_to(cache.positions[:, None], candidate_ids.shape)
+        past = cache.kv_mask & (jnp.arange(cache.max_len)[None, :] < cache.index)
+        past = past[:, None, :] & self._window(positions, cache.kv_positions)
+        allowed = jnp.concatenate([past, jnp.broadcast_to(jnp.eye(k, dtype=bool), (past.shape[0], k, k))], axis=2)
+
+        def attend(q, k_new, v_new, layer_cache):
+            k_past, v_past = layer_cache
+            k_all = jnp.concatenate([k_past, k_new.astype(k_past.dtype)], axis=1)
+            v_all = jnp.concatenate([v_past, v_new.astype(v_past.dtype)], axis=1)
+            return attention(q, k_all, v_all, allowed), None
+
+        x, _ = self._run(candidate_ids, positions, attend, (cache.k, cache.v), carry_cache=False)
+        return x
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """``[..., E]`` final-normed hidden states -> float32 logits ``[..., V]``."""
+        if self.cfg.tie_embeddings:
+            return jnp.einsum("...e,ve->...v", hidden, self.embed[...], preferred_element_type=jnp.float32)
+        return jnp.einsum("...e,ev->...v", hidden, self.lm_head[...], preferred_element_type=jnp.float32)
+
+    # ---------------------------------------------------------------- internals
+
+    def _check_ids(self, input_ids: jax.Array, attention_mask: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+        input_ids = jnp.asarray(input_ids)
+        chex.assert_rank(input_ids, 2, custom_message=f"input_ids must be [batch, time], got shape {input_ids.shape}")
+        chex.assert_type(input_ids, int, custom_message="input_ids must be integer token ids")
+        if attention_mask is None:
+            return input_ids, jnp.ones(input_ids.shape, bool)
+        attention_mask = jnp.asarray(attention_mask)
+        chex.assert_shape(
+            attention_mask, input_ids.shape, custom_message="attention_mask must have the shape of input_ids"
+        )
+        return input_ids, attention_mask.astype(bool)
+
+    def _check_cache(self, cache: KVCache, batch: int) -> None:
+        c = self.cfg
+        expected = (c.num_layers, batch, cache.max_len, c.num_kv_heads, c.head_dim)
+        if cache.k.shape != expected:
+            raise ValueError(f"cache k has shape {cache.k.shape}, this model and batch need {expected}")
+
+    def _window(self, q_positions: jax.Array, k_positions: jax.Array) -> jax.Array:
+        """bool ``[B, T, S]``: key within the sliding window of the query (all True without one)."""
+        if self.cfg.sliding_window is None:
+            return jnp.ones((), bool)
+        return (q_positions[:, :, None] - k_positions[:, None, :]) < self.cfg.sliding_window
+
+    def _run(
+        self, input_ids: jax.Array, positions: jax.Array, attend: AttendFn, cache_kv: Any, carry_cache: bool = True
+    ) -> tuple[jax.Array, Any]:
+        """Embed, scan the blocks, final norm. ``attend(q, k, v, layer_cache)`` does the attention."""
+        cfg = self.cfg
+        x = jnp.take(self.embed[...], input_ids, axis=0)
+        if cfg.positions == "learned":
+            x = x + jnp.take(self.pos_embed[...], positions, axis=0)
+        inv_freq = rope_inv_freq(cfg) if cfg.positions == "rope" else None
+        params = self.layers.arrays()
+
+        def block(x, p, layer_cache):
+            h = _norm(cfg, x, p["attn_norm_scale"], p.get("attn_norm_bias"))
+            q = jnp.einsum("bte,ehd->bthd", h, p["q"])
+            k = jnp.einsum("bte,ekd->btkd", h, p["k"])
+            v = jnp.einsum("bte,ekd->btkd", h, p["v"])
+            if cfg.qkv_bias:
+                q, k, v = q + p["q_bias"], k + p["k_bias"], v + p["v_bias"]
+            if inv_freq is not None:
+                q, k = _rope(q, positions, inv_freq), _rope(k, positions, inv_freq)
+            out, layer_cache = attend(q, k, v, layer_cache)
+            x = x + jnp.einsum("bthd,hde->bte", out, p["o"])
+            if cfg.out_bias:
+                x = x + p["o_bias"]
+            h = _norm(cfg, x, p["mlp_norm_scale"], p.get("mlp_norm_bias"))
+            up = h @ p["up"] + p["up_bias"] if cfg.mlp_bias else h @ p["up"]
+            if cfg.mlp == "gated":
+                gate = h @ p["gate"] + p["gate_bias"] if cfg.mlp_bias else h @ p["gate"]
+                act = ACTIVATIONS[cfg.activation](gate) * up
+            else:
+                act = ACTIVATIONS[cfg.activation](up)
+            x = x + (act @ p["down"] + p["down_bias"] if cfg.mlp_bias else act @ p["down"])
+            return x, layer_cache
+
+        if cache_kv is None:
+            x, _ = jax.lax.scan(lambda x, p: (block(x, p, None)[0], None), x, params)
+            out_cache = None
+        elif carry_cache:
+            # the whole cache rides in the carry and is updated in place, layer by layer
+            def body(carry, xs):
+                x, ck, cv = carry
+                p, layer = xs
+                x, (k_l, v_l) = block(x, p, (ck[layer], cv[layer]))
+                ck = jax.lax.dynamic_update_index_in_dim(ck, k_l, layer, 0)
+                cv = jax.lax.dynamic_update_index_in_dim(cv, v_l, layer, 0)
+                return (x, ck, cv), None
+
+            (x, ck, cv), _ = jax.lax.scan(body, (x, *cache_kv), (params, jnp.arange(cfg.num_layers)))
+            out_cache = (ck, cv)
+        else:
+            x, _ = jax.lax.scan(lambda x, xs: (block(x, xs[0], xs[1:])[0], None), x, (params, *cache_kv))
+            out_cache = None
+        x = _norm(cfg, x, self.final_norm_scale[...], self.final_norm_bias[...] if cfg.norm == "layernorm" else None)
+        return x, out_cache

@@ -1,0 +1,170 @@
+"""Value models: a transformer backbone of any family plus a value head.
+
+V-type (``q_type=False``): one output per position — the distribution of the return given the
+prefix up to and including that token. During decoding it scores π_ref's top-k candidate next
+tokens in one forward against its own KV cache (:meth:`ValueModel.score_candidates`).
+
+Q-type (``q_type=True``): one output per vocabulary item at each position — the return
+distribution of every possible next token at once; meant for small vocabularies.
+
+Heads: ``categorical`` (logits over ``num_atoms`` atoms, for Q♯/CD), ``bernoulli`` (one logit,
+P(R = 1) for 0/1 rewards) and ``scalar`` (a regression value, for the MSE baseline).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh
+
+from qsharp_jax.models import hf as hf_lib
+from qsharp_jax.models.cache import KVCache
+from qsharp_jax.models.transformer import Transformer, TransformerConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadConfig:
+    kind: Literal["categorical", "bernoulli", "scalar"] = "categorical"
+    num_atoms: int = 11
+    q_type: bool = False
+
+    def __post_init__(self):
+        if self.kind not in ("categorical", "bernoulli", "scalar"):
+            raise ValueError(f"head kind must be categorical, bernoulli or scalar, got {self.kind!r}")
+        if self.kind == "categorical" and self.num_atoms < 2:
+            raise ValueError(f"a categorical head needs num_atoms >= 2, got {self.num_atoms}")
+
+
+class ValueHead(nnx.Module):
+    """Linear map of final hidden states ``[..., E]`` to value outputs (see :class:`ValueModel`)."""
+
+    def __init__(self, hidden_size: int, vocab_size: int, cfg: HeadConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.vocab_size = vocab_size
+        per_item = cfg.num_atoms if cfg.kind == "categorical" else 1
+        out = per_item * (vocab_size if cfg.q_type else 1)
+        axis = "vocab" if cfg.q_type else None
+        kernel = 0.02 * jax.random.normal(rngs.params(), (hidden_size, out), jnp.float32)
+        self.kernel = nnx.Param(kernel.astype(dtype), sharding_names=("embed", axis), eager_sharding=False)
+        self.bias = nnx.Param(jnp.zeros((out,), dtype), sharding_names=(axis,), eager_sharding=False)
+
+    def __call__(self, hidden: jax.Array) -> jax.Array:
+        out = jnp.einsum("...e,eo->...o", hidden, self.kernel[...], preferred_element_type=jnp.float32)
+        out = out + self.bias[...].astype(jnp.float32)
+        lead = out.shape[:-1]
+        if self.cfg.q_type:
+            lead = (*lead, self.vocab_size)
+        if self.cfg.kind == "categorical":
+            return out.reshape(*lead, self.cfg.num_atoms)
+        return out.reshape(lead)
+
+
+class ValueModel(nnx.Module):
+    """Backbone + head. Output shapes (float32), for ``input_ids [B, T]``:
+
+    ============  ===============  ==============
+    head kind     V-type           Q-type
+    ============  ===============  ==============
+    categorical   ``[B, T, K]``    ``[B, T, V, K]``
+    bernoulli     ``[B, T]``       ``[B, T, V]``
+    scalar        ``[B, T]``       ``[B, T, V]``
+    ============  ===============  ==============
+    """
+
+    def __init__(self, backbone: TransformerConfig, head: HeadConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        # The backbone's LM head is never used: tie it away instead of storing a [E, V] matrix.
+        self.backbone = Transformer(dataclasses.replace(backbone, tie_embeddings=True), dtype=dtype, rngs=rngs)
+        self.head = ValueHead(backbone.hidden_size, backbone.vocab_size, head, dtype=dtype, rngs=rngs)
+
+    @property
+    def head_cfg(self) -> HeadConfig:
+        return self.head.cfg
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backbone.cfg.vocab_size
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+        return self.head(self.backbone.hidden(input_ids, attention_mask))
+
+    def init_cache(self, batch: int, max_len: int) -> KVCache:
+        return self.backbone.init_cache(batch, max_len)
+
+    def extend(
+        self, input_ids: jax.Array, cache: KVCache, attention_mask: jax.Array | None = None
+    ) -> tuple[jax.Array, KVCache]:
+        """Append tokens to the cache; return their value outputs and the new cache."""
+        hidden, cache = self.backbone.extend_hidden(input_ids, cache, attention_mask)
+        return self.head(hidden), cache
+
+    def score_candidates(self, candidate_ids: jax.Array, cache: KVCache) -> jax.Array:
+        """V-type: values of k candidate next tokens ``[B, k]`` -> ``[B, k, K]`` (or ``[B, k]``).
+
+        One forward for all candidates of all sequences against the cache, which is unchanged.
+        """
+        if self.head.cfg.q_type:
+            raise ValueError(
+                "score_candidates is for V-type value models; a Q-type model gives every next token's "
+                "value at the last position of extend()/__call__"
+            )
+        return self.head(self.backbone.candidates_hidden(candidate_ids, cache))
+
+
+def check_compatible(reference: Transformer, value: ValueModel) -> None:
+    """The value model must score tokens of the reference model's vocabulary."""
+    if reference.cfg.vocab_size != value.vocab_size:
+        raise ValueError(
+            f"value model vocabulary ({value.vocab_size}) differs from the reference model's "
+            f"({reference.cfg.vocab_size}); both must share one tokenizer"
+        )
+
+
+def value_from_scratch(
+    backbone: TransformerConfig, head: HeadConfig, *, seed: int = 0, dtype=jnp.float32, mesh: Mesh | None = None
+) -> ValueModel:
+    """A randomly initialized value model, placed with its shardings when ``mesh`` is given."""
+    if mesh is None:
+        return ValueModel(backbone, head, dtype=dtype, rngs=nnx.Rngs(seed))
+    graphdef, abstract = hf_lib.abstract_model(ValueModel, backbone, head, dtype=dtype)
+    shardings = hf_lib.shardings_for(abstract, mesh)
+
+    @jax.jit
+    def init():
+        return nnx.split(ValueModel(backbone, head, dtype=dtype, rngs=nnx.Rngs(seed)))[1]
+
+    state = jax.jit(init, out_shardings=_values(shardings))()
+    return nnx.merge(graphdef, state)
+
+
+def value_from_hf(
+    path: str | Path, head: HeadConfig, *, seed: int = 0, dtype=jnp.float32, mesh: Mesh | None = None
+) -> ValueModel:
+    """A value model whose backbone is a pretrained Hugging Face LM (its LM head is dropped) and
+    whose value head is freshly initialized (as the paper initializes its value models)."""
+    hf = hf_lib.read_config(path)
+    family = hf_lib.family_of(hf)
+    cfg = family.config_from_hf(hf)
+    graphdef, abstract = hf_lib.abstract_model(ValueModel, cfg, head, dtype=dtype)
+    shardings = hf_lib.shardings_for(abstract, mesh)
+    state = hf_lib.load_state(
+        abstract, family, dataclasses.replace(cfg, tie_embeddings=True), hf_lib.SafetensorsDir(path), shardings,
+        dtype=dtype, ignore=(r"^lm_head\.weight$",), prefix="backbone.",
+    )
+    fresh = nnx.split(ValueHead(cfg.hidden_size, cfg.vocab_size, head, dtype=dtype, rngs=nnx.Rngs(seed)))[1]
+    head_state = jax.device_put(fresh, _values(shardings["head"]))
+    state["head"] = head_state
+    return nnx.merge(graphdef, state)
+
+
+def _values(shardings: Any) -> Any:
+    """Strip Variable boxes so a sharding tree matches a plain state's leaves."""
+    return jax.tree.map(
+        lambda v: v.get_value() if isinstance(v, nnx.Variable) else v,
+        shardings,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )

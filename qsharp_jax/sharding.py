@@ -1,0 +1,110 @@
+"""Meshes, logical-axis rules and parameter/batch shardings.
+
+Every parameter carries logical axis names (``vocab``, ``embed``, ``mlp``, ``heads``, ``kv_heads``,
+``head_dim``, ``layers``, ...). One rule table maps them to the mesh axes ``data``, ``fsdp`` and
+``tensor``; everything else (placement at load time, jitted steps) asks this module for
+``NamedSharding``s. This is the modern form of ``pmap``: ``jit`` over a ``Mesh`` with explicit
+shardings (JAX itself now implements ``pmap`` with ``jit`` + ``shard_map``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+log = logging.getLogger(__name__)
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical axis -> mesh axis (or tuple of mesh axes, or None = replicated)
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("positions", None),
+    ("atoms", None),
+    ("length", None),
+)
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ``(data, fsdp, tensor)`` mesh; ``-1`` takes the devices left over (like a reshape)."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got data={data}, fsdp={fsdp}, tensor={tensor}")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"{len(devices)} devices do not divide into fsdp*tensor*... = {known}")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise ValueError(
+            f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} needs {math.prod(sizes)} devices, "
+            f"have {len(devices)}"
+        )
+    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+
+
+def logical_to_spec(
+    axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES
+) -> PartitionSpec:
+    """Map logical axis names to a ``PartitionSpec`` on ``mesh``.
+
+    A dimension that the mesh axes do not divide is replicated instead (logged): a tiny test model
+    on 8 devices must still load, and it stays correct, only less spread out.
+    """
+    table = dict(rules)
+    spec, used = [], set()
+    for name, dim in zip(axes, shape):
+        if name is not None and name not in table:
+            raise ValueError(f"logical axis {name!r} has no sharding rule; known: {sorted(table)}")
+        target = table.get(name) if name is not None else None
+        mesh_axes = (target,) if isinstance(target, str) else tuple(target or ())
+        mesh_axes = tuple(a for a in mesh_axes if a not in used and mesh.shape[a] > 1)
+        size = math.prod(mesh.shape[a] for a in mesh_axes)
+        if mesh_axes and dim % size:
+            log.info("replicating logical axis %r of size %d: not divisible by mesh %s", name, dim, mesh_axes)
+            mesh_axes = ()
+        used.update(mesh_axes)
+        spec.append(None if not mesh_axes else mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
+    return PartitionSpec(*spec)
+
+
+def logical_sharding(
+    axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES
+) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(axes, shape, mesh, rules))
+
+
+def state_shardings(state: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> Any:
+    """``NamedSharding`` for every array in an NNX state (abstract or concrete), from its logical axes.
+
+    A variable without axis names is replicated.
+    """
+    specs = nnx.get_partition_spec(state)
+
+    def one(var: Any, spec: Any) -> Any:
+        names = tuple(spec.get_value()) if isinstance(spec, nnx.Variable) else ()
+        shape = var.get_value().shape if isinstance(var, nnx.Variable) else var.shape
+        names = names or (None,) * len(shape)
+        return logical_sharding(names, shape, mesh, rules)
+
+    is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+    return jax.tree.map(one, state, specs, is_leaf=is_var)
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    """Shard the leading (batch) axis over ``data`` and ``fsdp``; replicate the rest."""
+    return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
