@@ -19,20 +19,22 @@ import numpy as np
 RANGE_TOLERANCE = 1e-6
 
 
-def check_value(bad_fn: Callable[..., tuple], message: str, *args: Any) -> None:
+def check_value(bad_fn: Callable[..., tuple], message: str, *args: Any, at_runtime: bool = True) -> None:
     """Raise ``ValueError(message.format(*details))`` when ``bad_fn(*args)`` reports bad input.
 
     ``bad_fn`` returns ``(bad, *details)``: a scalar bool and values for the message. Concrete
     arguments (also constants closed over inside ``jit``) are checked now, at trace time. Traced
-    arguments are checked on the host when the compiled code runs; the ``ValueError`` then surfaces
-    wrapped in a ``JaxRuntimeError`` whose text contains ``message``.
+    arguments are checked on the host when the compiled code runs (unless ``at_runtime=False``,
+    for hot loops that guard themselves another way); the ``ValueError`` then surfaces wrapped in
+    a ``JaxRuntimeError`` whose text contains ``message``.
     """
     with jax.ensure_compile_time_eval():
         bad, *details = bad_fn(*args)
     try:
         is_bad = bool(bad)
     except jax.errors.ConcretizationTypeError:
-        jax.debug.callback(_raise_if_bad, bad, *details, message=message)
+        if at_runtime:
+            jax.debug.callback(_raise_if_bad, bad, *details, message=message)
         return
     if is_bad:
         _raise_if_bad(True, *details, message=message)

@@ -136,11 +136,11 @@ def load_state(
             return var
         template, transform = family.PARAMS[ours]
         hf_names = [template.format(i=i) for i in range(cfg.num_layers)] if "{i}" in template else [template]
+        used.update(n for n in hf_names if n in available)
         absent = [n for n in hf_names if n not in available]
         if absent:
-            missing.extend(available.get(n, n) for n in absent)
+            missing.extend(absent)
             return var
-        used.update(hf_names)
         parts = [transform(np.asarray(tensors.get(available[n])), cfg) for n in hf_names]
         host = np.stack(parts) if "{i}" in template else parts[0]
         expected = var.get_value().shape
@@ -157,11 +157,12 @@ def load_state(
         available[n] for n in available if n not in used and not any(p.search(n) for p in patterns)
     ]
     problems = []
-    for title, items in (("missing", missing), ("mis-shaped", misshaped), ("unexpected", unexpected),
-                         ("without a mapping", unknown)):
+    for title, items in ((f"missing tensors (names after any '{strip}' prefix)", missing),
+                         ("mis-shaped tensors", misshaped), ("unexpected tensors", unexpected),
+                         ("parameters without a mapping", unknown)):
         if items:
             shown = ", ".join(sorted(items)[:20]) + (f", ... ({len(items)} in all)" if len(items) > 20 else "")
-            problems.append(f"{title} tensors: {shown}")
+            problems.append(f"{title}: {shown}")
     if problems:
         raise ValueError(f"checkpoint does not match the {cfg.model_type} config: " + "; ".join(problems))
     return state

@@ -109,7 +109,7 @@ def _init_param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, 
         value = jnp.ones(shape, jnp.float32)
     else:
         value = jnp.zeros(shape, jnp.float32)
-    return nnx.Param(value.astype(dtype), sharding_names=axes, eager_sharding=False)
+    return nnx.Param(value.astype(dtype), out_sharding=axes, eager_sharding=False)
 
 
 class Layers(nnx.Module):
@@ -260,8 +260,8 @@ class Transformer(nnx.Module):
 
         Prefill is ``extend(prompt, empty_cache, prompt_mask)``; decoding is ``extend(next_token,
         cache)``. Tokens with ``attention_mask`` False occupy a slot but are never attended to.
-        Writing past ``cache.max_len`` raises when the slot index is concrete and yields NaN
-        hidden states under jit.
+        Writing past ``cache.max_len`` raises when the slot index is concrete; under jit it makes
+        the returned hidden states NaN (a host check per decoded token would cost too much).
         """
         input_ids, mask = self._check_ids(input_ids, attention_mask)
         self._check_cache(cache, input_ids.shape[0])
@@ -272,6 +272,7 @@ class Transformer(nnx.Module):
             lambda i: (i + t > slots, i),
             f"cache overflow: writing {t} tokens at slot {{}} of a cache with max_len={slots}",
             cache.index,
+            at_runtime=False,  # a host callback per decoded token is too dear; NaN marks it below
         )
         idx = cache.index
         positions = cache.positions[:, None] + jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
@@ -306,7 +307,7 @@ class Transformer(nnx.Module):
         k = candidate_ids.shape[1]
         positions = jnp.broadcast_to(cache.positions[:, None], candidate_ids.shape)
         past = cache.kv_mask & (jnp.arange(cache.max_len)[None, :] < cache.index)
-        past = past[:, None, :] & self._window(positions, cache.kv_positions)
+        past = jnp.broadcast_to(past[:, None, :] & self._window(positions, cache.kv_positions), (*positions.shape, cache.max_len))
         allowed = jnp.concatenate([past, jnp.broadcast_to(jnp.eye(k, dtype=bool), (past.shape[0], k, k))], axis=2)
 
         def attend(q, k_new, v_new, layer_cache):

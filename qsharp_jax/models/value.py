@@ -50,8 +50,8 @@ class ValueHead(nnx.Module):
         out = per_item * (vocab_size if cfg.q_type else 1)
         axis = "vocab" if cfg.q_type else None
         kernel = 0.02 * jax.random.normal(rngs.params(), (hidden_size, out), jnp.float32)
-        self.kernel = nnx.Param(kernel.astype(dtype), sharding_names=("embed", axis), eager_sharding=False)
-        self.bias = nnx.Param(jnp.zeros((out,), dtype), sharding_names=(axis,), eager_sharding=False)
+        self.kernel = nnx.Param(kernel.astype(dtype), out_sharding=("embed", axis), eager_sharding=False)
+        self.bias = nnx.Param(jnp.zeros((out,), dtype), out_sharding=(axis,), eager_sharding=False)
 
     def __call__(self, hidden: jax.Array) -> jax.Array:
         out = jnp.einsum("...e,eo->...o", hidden, self.kernel[...], preferred_element_type=jnp.float32)

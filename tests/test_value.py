@@ -1,0 +1,90 @@
+"""Value models: heads, candidate scoring against the KV cache, loading and sharding."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hf_fixtures import make_checkpoint
+from qsharp_jax import sharding
+from qsharp_jax.models import from_hf
+from qsharp_jax.models.value import HeadConfig, ValueModel, check_compatible, value_from_hf, value_from_scratch
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("llama")
+    make_checkpoint("llama", path, seed=3)
+    return path
+
+
+def _ids(seed, shape=(3, 9)):
+    return jnp.asarray(np.random.default_rng(seed).integers(0, 61, size=shape), jnp.int32)
+
+
+@pytest.mark.parametrize(
+    "head,shape",
+    [
+        (HeadConfig("categorical", 11), (3, 9, 11)),
+        (HeadConfig("bernoulli"), (3, 9)),
+        (HeadConfig("scalar"), (3, 9)),
+        (HeadConfig("categorical", 5, q_type=True), (3, 9, 61, 5)),
+        (HeadConfig("bernoulli", q_type=True), (3, 9, 61)),
+    ],
+)
+def test_heads_read_the_pretrained_backbone(llama_dir, head, shape):
+    value = value_from_hf(llama_dir, head, seed=1)
+    assert not hasattr(value.backbone, "lm_head")  # the LM head is dropped, not stored
+    ids = _ids(0)
+    out = np.asarray(value(ids))
+    assert out.shape == shape and out.dtype == np.float32
+    hidden = np.asarray(from_hf(llama_dir).hidden(ids))  # the LM's own hidden states (golden-tested)
+    flat = hidden @ np.asarray(value.head.kernel[...]) + np.asarray(value.head.bias[...])
+    np.testing.assert_allclose(out, flat.reshape(shape), atol=1e-5, rtol=1e-5)
+
+
+def test_score_candidates_equals_appending_each(llama_dir):
+    value = value_from_hf(llama_dir, HeadConfig("categorical", 11), seed=2)
+    ids = _ids(1, (2, 7))
+    mask = jnp.asarray([[False, False, True, True, True, True, True], [True] * 7])
+    cache = value.init_cache(2, 12)
+    _, cache = value.extend(ids, cache, mask)
+    candidates = _ids(2, (2, 4))
+    scored = np.asarray(jax.jit(lambda v, c, k: v.score_candidates(c, k))(value, candidates, cache))
+    assert scored.shape == (2, 4, 11)
+    for j in range(4):
+        # appending candidate j to the prompt and running the whole sequence uncached
+        full = np.asarray(value(jnp.concatenate([ids, candidates[:, j : j + 1]], 1), jnp.concatenate([mask, jnp.ones((2, 1), bool)], 1)))
+        np.testing.assert_allclose(scored[:, j], full[:, -1], atol=1e-4, rtol=1e-4)
+
+
+def test_q_type_cannot_score_candidates(llama_dir):
+    value = value_from_hf(llama_dir, HeadConfig("categorical", 3, q_type=True))
+    with pytest.raises(ValueError, match="score_candidates is for V-type"):
+        value.score_candidates(_ids(3, (1, 2)), value.init_cache(1, 4))
+
+
+def test_sharded_value_models_equal_single_device(llama_dir):
+    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+    head = HeadConfig("categorical", 11, q_type=True)
+    ids = _ids(4, (4, 6))
+    single, sharded = value_from_hf(llama_dir, head, seed=5), value_from_hf(llama_dir, head, seed=5, mesh=mesh)
+    assert tuple(sharded.head.kernel[...].sharding.spec) == ("fsdp", None)  # 61*11 does not divide by 2
+    np.testing.assert_allclose(jax.jit(lambda m, i: m(i))(sharded, ids), single(ids), atol=1e-5)
+    cfg = from_hf(llama_dir).cfg
+    scratch, scratch_sharded = value_from_scratch(cfg, head, seed=6), value_from_scratch(cfg, head, seed=6, mesh=mesh)
+    assert tuple(scratch_sharded.backbone.layers.up[...].sharding.spec) == (None, "fsdp", "tensor")
+    np.testing.assert_allclose(jax.jit(lambda m, i: m(i))(scratch_sharded, ids), scratch(ids), atol=1e-5)
+
+
+def test_vocabulary_mismatch_and_bad_heads(llama_dir):
+    ref = from_hf(llama_dir)
+    other = value_from_scratch(ref.cfg.__class__(**{**ref.cfg.__dict__, "vocab_size": 50}), HeadConfig())
+    with pytest.raises(ValueError, match=r"value model vocabulary \(50\) differs from the reference model's \(61\)"):
+        check_compatible(ref, other)
+    check_compatible(ref, value_from_scratch(ref.cfg, HeadConfig()))
+    with pytest.raises(ValueError, match="categorical, bernoulli or scalar"):
+        HeadConfig("gaussian")
+    with pytest.raises(ValueError, match="num_atoms >= 2"):
+        HeadConfig("categorical", 1)
+    assert isinstance(value_from_scratch(ref.cfg, HeadConfig()), ValueModel)
