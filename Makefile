@@ -23,8 +23,10 @@ $(VENV)/.dev-installed: requirements-dev.txt $(VENV)/.runtime-installed
 	$(PIP) -r requirements-dev.txt
 	touch $@
 
+PYTEST_WORKERS ?= auto
+
 test: install-dev
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS)
 
 demo: install
 	$(VENV)/bin/qsharp tabular --config experiments/tabular/config.yaml

@@ -68,7 +68,7 @@ def test_cached_decoding_equals_full_forward(checkpoints, kind):
     full = np.asarray(model(jnp.asarray(ids, jnp.int32), jnp.asarray(mask)))
     prompt = 14
     cache = model.init_cache(ids.shape[0], 24)
-    extend = jax.jit(lambda m, i, c, a: m.extend(i, c, a))
+    extend = jax.jit(lambda m, i, c, a: m.extend(i, c, a), donate_argnums=2)  # the cache is updated in place
     logits, cache = extend(model, jnp.asarray(ids[:, :prompt], jnp.int32), cache, jnp.asarray(mask[:, :prompt]))
     steps = [np.asarray(logits)]
     for t in range(prompt, ids.shape[1]):  # one token at a time
