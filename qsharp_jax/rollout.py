@@ -1,0 +1,278 @@
+"""One jitted sampling loop for plain and value-guided decoding.
+
+``generate`` prefills the reference model (and the value model, when guiding) on a left-padded
+prompt batch, then runs a single ``lax.while_loop`` that, per step:
+
+1. takes π_ref's next-token logits from its KV cache;
+2. for sequences still inside their roll-in (generated tokens < ``switch_time``), adds the value
+   model's offsets — a V-type model scores π_ref's top-k candidates in one forward against its own
+   KV cache, a Q-type model reads every token's value from its last position;
+3. applies temperature, top-k and top-p to that final policy and samples;
+4. appends the token to both caches, records log-probabilities and the exact per-step
+   KL(π_t ‖ π_ref,t) over the full vocabulary.
+
+The loop stops as soon as every sequence has emitted EOS. Once every sequence has passed its switch
+time, the value model is no longer run. Everything is deterministic given ``key``.
+
+π_ref,t in ``ref_logprobs`` and ``kl`` is the reference model's own next-token distribution
+(softmax of its logits, no temperature or truncation): the KL is to π_ref itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Literal
+
+import chex
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from qsharp_jax import _validate
+from qsharp_jax import guidance as guidance_lib
+from qsharp_jax.models.transformer import Transformer
+from qsharp_jax.models.value import ValueModel, check_compatible
+
+Guidance = Literal["qsharp", "cd", "bernoulli"]
+
+
+@struct.dataclass
+class Rollout:
+    """Sampled continuations.
+
+    Attributes:
+      tokens: int32 ``[B, N]``; ``pad_id`` after EOS.
+      mask: bool ``[B, N]``, True for generated tokens up to and including EOS.
+      ref_logprobs: float32 ``[B, N]``, log π_ref of each sampled token (0 where masked).
+      logprobs: float32 ``[B, N]``, log-probability under the policy actually sampled from.
+      kl: float32 ``[B]``, Σ_t KL(π_t ‖ π_ref,t) over full next-token distributions.
+      lengths: int32 ``[B]``, number of generated tokens (EOS included).
+    """
+
+    tokens: jax.Array
+    mask: jax.Array
+    ref_logprobs: jax.Array
+    logprobs: jax.Array
+    kl: jax.Array
+    lengths: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    """Static decoding settings (hashable: part of the jit cache key)."""
+
+    max_new_tokens: int
+    cache_len: int
+    guidance: Guidance | None
+    q_type: bool
+    top_k: int | None  # candidates scored by the value model and the final top-k filter
+    temperature: float
+    top_p: float
+    eos_id: int | None
+    pad_id: int
+    others: str
+
+
+def generate(
+    ref_model: Transformer,
+    prompt_ids: jax.Array,
+    prompt_mask: jax.Array,
+    *,
+    key: jax.Array,
+    max_new_tokens: int,
+    value_model: ValueModel | None = None,
+    guidance: Guidance | None = None,
+    eta: float = 1.0,
+    top_k: int | None = 20,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    switch_time: jax.Array | None = None,
+    eos_id: int | None = None,
+    pad_id: int = 0,
+    atoms: jax.Array | None = None,
+    others: Literal["min", "exclude"] = "min",
+    cache_len: int | None = None,
+) -> Rollout:
+    """Sample ``max_new_tokens`` tokens after left-padded prompts, plain or value-guided.
+
+    Args:
+      ref_model: π_ref.
+      prompt_ids, prompt_mask: ``[B, P]`` int32 / bool, left padded (every row ends with a real token).
+      key: PRNG key; the same key gives the same tokens.
+      value_model: needed when ``guidance`` is set; must share π_ref's vocabulary.
+      guidance: None (plain π_ref), ``"qsharp"``/``"cd"`` (categorical head), ``"bernoulli"``.
+      eta: KL coefficient η > 0 (paper's convention; the official code's flag is 1/η).
+      top_k: V-type value models score π_ref's top-k tokens; the final policy is also truncated to
+        its top-k. ``None`` = no truncation (and, for V-type, score... every token: use Q-type).
+      temperature, top_p: applied to the final (guided) policy, as in the paper.
+      switch_time: int ``[B]``: sequence b is guided for its first ``switch_time[b]`` generated
+        tokens and follows π_ref after (Algorithm 1's roll-in / roll-out). None = always guided.
+      eos_id, pad_id: a sequence ends after emitting ``eos_id``; later slots hold ``pad_id``.
+      atoms: float ``[K]`` of a categorical head; default ``linspace(0, 1, K)``.
+      others: how unscored tokens are treated by V-type guidance (see ``guided_logits``).
+      cache_len: KV-cache slots; default ``P + max_new_tokens``.
+    """
+    prompt_ids, prompt_mask = jnp.asarray(prompt_ids), jnp.asarray(prompt_mask).astype(bool)
+    chex.assert_rank(prompt_ids, 2, custom_message="prompt_ids must be [batch, prompt_len]")
+    chex.assert_shape(prompt_mask, prompt_ids.shape, custom_message="prompt_mask must have prompt_ids' shape")
+    batch, prompt_len = prompt_ids.shape
+    vocab = ref_model.cfg.vocab_size
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    cache_len = prompt_len + max_new_tokens if cache_len is None else cache_len
+    if prompt_len + max_new_tokens > cache_len:
+        raise ValueError(
+            f"prompt length {prompt_len} + max_new_tokens {max_new_tokens} exceeds the cache ({cache_len} slots)"
+        )
+    if top_k is not None and not 1 <= top_k <= vocab:
+        raise ValueError(f"top_k must be in [1, vocab_size={vocab}] or None, got {top_k}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    _validate.check_value(
+        lambda m: (~jnp.all(m[:, -1]),), "prompts must be left padded: the last prompt column must be real tokens",
+        prompt_mask,
+    )
+    if guidance is not None:
+        if value_model is None:
+            raise ValueError(f"guidance={guidance!r} needs a value_model")
+        if guidance not in ("qsharp", "cd", "bernoulli"):
+            raise ValueError(f'guidance must be None, "qsharp", "cd" or "bernoulli", got {guidance!r}')
+        check_compatible(ref_model, value_model)
+        _validate.check_eta(eta)
+        kind = value_model.head_cfg.kind
+        needed = "bernoulli" if guidance == "bernoulli" else "categorical"
+        if kind != needed:
+            raise ValueError(f"guidance={guidance!r} needs a {needed} value head, the value model has {kind!r}")
+        if not value_model.head_cfg.q_type and top_k is None:
+            raise ValueError("a V-type value model scores π_ref's top_k candidates: set top_k")
+        if guidance != "bernoulli":
+            k_atoms = value_model.head_cfg.num_atoms
+            atoms = jnp.linspace(0.0, 1.0, k_atoms) if atoms is None else jnp.asarray(atoms, jnp.float32)
+            _validate.check_atoms(atoms)
+            if atoms.shape != (k_atoms,):
+                raise ValueError(f"atoms has shape {atoms.shape}, the value head has {k_atoms} atoms")
+    elif value_model is not None:
+        raise ValueError("a value_model was given but guidance=None; pass guidance='qsharp' (or 'cd', 'bernoulli')")
+    if switch_time is None:
+        switch_time = jnp.full((batch,), max_new_tokens, jnp.int32)
+    switch_time = jnp.asarray(switch_time, jnp.int32)
+    chex.assert_shape(switch_time, (batch,), custom_message="switch_time must be [batch]")
+
+    spec = _Spec(
+        max_new_tokens=max_new_tokens, cache_len=cache_len, guidance=guidance,
+        q_type=bool(value_model is not None and value_model.head_cfg.q_type), top_k=top_k,
+        temperature=float(temperature), top_p=float(top_p), eos_id=eos_id, pad_id=pad_id, others=others,
+    )
+    ref_graph, ref_state = nnx.split(ref_model)
+    value_graph, value_state = nnx.split(value_model) if value_model is not None else (None, None)
+    return _generate(
+        ref_graph, ref_state, value_graph, value_state, prompt_ids.astype(jnp.int32), prompt_mask, key,
+        switch_time, jnp.asarray(eta, jnp.float32), atoms, spec=spec,
+    )
+
+
+def _filter(logits: jax.Array, spec: _Spec) -> jax.Array:
+    """Temperature, then top-k, then top-p on ``[B, V]`` logits; removed tokens get -inf."""
+    logits = logits / spec.temperature
+    if spec.top_k is not None and spec.top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(logits, spec.top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if spec.top_p < 1.0:
+        order = jnp.argsort(-logits, axis=-1)
+        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each token
+        keep_sorted = before < spec.top_p  # the top token is always kept
+        keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
+        logits = jnp.where(keep, logits, -jnp.inf)
+    return logits
+
+
+@functools.partial(jax.jit, static_argnames=("ref_graph", "value_graph", "spec"))
+def _generate(ref_graph, ref_state, value_graph, value_state, prompt_ids, prompt_mask, key, switch_time, eta, atoms,
+              *, spec: _Spec) -> Rollout:
+    ref = nnx.merge(ref_graph, ref_state)
+    value = nnx.merge(value_graph, value_state) if value_graph is not None else None
+    batch = prompt_ids.shape[0]
+    n = spec.max_new_tokens
+
+    ref_logits, ref_cache = ref.extend(prompt_ids, ref.init_cache(batch, spec.cache_len), prompt_mask)
+    ref_logits = ref_logits[:, -1]
+    if value is not None:
+        value_out, value_cache = value.extend(prompt_ids, value.init_cache(batch, spec.cache_len), prompt_mask)
+        value_out = value_out[:, -1]  # Q-type: [B, V, ...]; unused for V-type
+    else:
+        value_cache, value_out = None, None
+
+    def offsets_of(values):
+        if spec.guidance == "qsharp":
+            return guidance_lib.qsharp_logit_offset(values, atoms, eta)
+        if spec.guidance == "cd":
+            return guidance_lib.cd_logit_offset(values, atoms, eta)
+        return guidance_lib.bernoulli_logit_offset(values, eta)
+
+    def guided(ref_logits, value_cache, value_out):
+        if spec.q_type:
+            return ref_logits + offsets_of(value_out)
+        candidates = jax.lax.top_k(ref_logits, spec.top_k)[1]
+        offsets = offsets_of(value.score_candidates(candidates, value_cache))
+        return guidance_lib.guided_logits(ref_logits, candidates, offsets, others=spec.others)
+
+    def step(carry):
+        t, key, ref_logits, ref_cache, value_cache, value_out, out, done = carry
+        active = ~done
+        guide_now = active & (t < switch_time)
+        if spec.guidance is None:
+            policy_logits = ref_logits
+        else:
+            policy_logits = jax.lax.cond(
+                jnp.any(guide_now),
+                lambda: jnp.where(guide_now[:, None], guided(ref_logits, value_cache, value_out), ref_logits),
+                lambda: ref_logits,
+            )
+        log_policy = jax.nn.log_softmax(_filter(policy_logits, spec), axis=-1)
+        log_ref = jax.nn.log_softmax(ref_logits, axis=-1)
+        token = jax.random.categorical(jax.random.fold_in(key, t), log_policy, axis=-1)
+        token = jnp.where(active, token, spec.pad_id).astype(jnp.int32)
+        probs = jnp.exp(log_policy)
+        kl = jnp.sum(jnp.where(probs > 0, probs * (log_policy - log_ref), 0.0), axis=-1)
+        pick = lambda lp: jnp.take_along_axis(lp, token[:, None], axis=-1)[:, 0]  # noqa: E731
+        out = {
+            "tokens": out["tokens"].at[:, t].set(token),
+            "mask": out["mask"].at[:, t].set(active),
+            "logprobs": out["logprobs"].at[:, t].set(jnp.where(active, pick(log_policy), 0.0)),
+            "ref_logprobs": out["ref_logprobs"].at[:, t].set(jnp.where(active, pick(log_ref), 0.0)),
+            "kl": out["kl"] + jnp.where(active, kl, 0.0),
+        }
+        if spec.eos_id is not None:
+            done = done | (token == spec.eos_id)
+        ref_logits, ref_cache = ref.extend(token[:, None], ref_cache, active[:, None])
+        ref_logits = ref_logits[:, 0]
+        if value is not None:
+            # the value model only needs to follow while some sequence may still be guided
+            def advance():
+                out_, cache_ = value.extend(token[:, None], value_cache, active[:, None])
+                return out_[:, 0], cache_
+
+            value_out, value_cache = jax.lax.cond(
+                jnp.any(active & (t + 1 < switch_time)), advance, lambda: (value_out, value_cache)
+            )
+        return t + 1, key, ref_logits, ref_cache, value_cache, value_out, out, done
+
+    def cond(carry):
+        t, *_, done = carry
+        return (t < n) & ~jnp.all(done)
+
+    out = {
+        "tokens": jnp.full((batch, n), spec.pad_id, jnp.int32),
+        "mask": jnp.zeros((batch, n), bool),
+        "logprobs": jnp.zeros((batch, n), jnp.float32),
+        "ref_logprobs": jnp.zeros((batch, n), jnp.float32),
+        "kl": jnp.zeros((batch,), jnp.float32),
+    }
+    carry = (jnp.int32(0), key, ref_logits, ref_cache, value_cache, value_out, out, jnp.zeros((batch,), bool))
+    *_, out, _ = jax.lax.while_loop(cond, step, carry)
+    return Rollout(lengths=jnp.sum(out["mask"], axis=1, dtype=jnp.int32), **out)
