@@ -174,21 +174,38 @@ def generate(
     )
 
 
-def _filter(logits: jax.Array, spec: _Spec) -> jax.Array:
-    """Temperature, then top-k, then top-p on ``[B, V]`` logits; removed tokens get -inf."""
-    logits = logits / spec.temperature
-    if spec.top_k is not None and spec.top_k < logits.shape[-1]:
-        kth = jax.lax.top_k(logits, spec.top_k)[0][:, -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
+def _sample(policy_logits: jax.Array, ref_logits: jax.Array, key: jax.Array, spec: _Spec):
+    """Sample from the final policy: temperature, then top-k, then top-p of ``policy_logits [B, V]``.
+
+    Works on the few tokens the policy can pick (top-k) instead of the whole vocabulary, which is
+    exact: the KL of a truncated policy only has terms on its support.
+
+    Returns:
+      token int32 ``[B]``, its log-probability under the policy and under π_ref, and the step's
+      KL(π_t ‖ π_ref,t) ``[B]``.
+    """
+    logits = policy_logits / spec.temperature
+    vocab = logits.shape[-1]
+    if spec.top_k is not None and spec.top_k < vocab:
+        values, ids = jax.lax.top_k(logits, spec.top_k)  # sorted, best first
+    elif spec.top_p < 1.0:
+        ids = jnp.argsort(-logits, axis=-1)
+        values = jnp.take_along_axis(logits, ids, axis=-1)
+    else:
+        ids, values = jnp.broadcast_to(jnp.arange(vocab), logits.shape), logits
     if spec.top_p < 1.0:
-        order = jnp.argsort(-logits, axis=-1)
-        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
-        before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each token
-        keep_sorted = before < spec.top_p  # the top token is always kept
-        keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
-        logits = jnp.where(keep, logits, -jnp.inf)
-    return logits
+        probs = jax.nn.softmax(values, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass of the better tokens
+        values = jnp.where(before < spec.top_p, values, -jnp.inf)  # the best token always stays
+    # the same formula for both, so that an untouched policy has exactly zero KL
+    log_policy = values - jax.nn.logsumexp(values, axis=-1, keepdims=True)
+    log_ref = jnp.take_along_axis(ref_logits, ids, axis=-1) - jax.nn.logsumexp(ref_logits, axis=-1, keepdims=True)
+    choice = jax.random.categorical(key, log_policy, axis=-1)
+    probs = jnp.exp(log_policy)
+    kl = jnp.sum(jnp.where(probs > 0, probs * (log_policy - log_ref), 0.0), axis=-1)
+    kl = jnp.maximum(kl, 0.0)  # KL >= 0; only float rounding could say otherwise
+    pick = lambda x: jnp.take_along_axis(x, choice[:, None], axis=-1)[:, 0]  # noqa: E731
+    return pick(ids).astype(jnp.int32), pick(log_policy), pick(log_ref), kl
 
 
 @functools.partial(jax.jit, static_argnames=("ref_graph", "value_graph", "spec"))
@@ -233,18 +250,13 @@ def _generate(ref_graph, ref_state, value_graph, value_state, prompt_ids, prompt
                 lambda: jnp.where(guide_now[:, None], guided(ref_logits, value_cache, value_out), ref_logits),
                 lambda: ref_logits,
             )
-        log_policy = jax.nn.log_softmax(_filter(policy_logits, spec), axis=-1)
-        log_ref = jax.nn.log_softmax(ref_logits, axis=-1)
-        token = jax.random.categorical(jax.random.fold_in(key, t), log_policy, axis=-1)
-        token = jnp.where(active, token, spec.pad_id).astype(jnp.int32)
-        probs = jnp.exp(log_policy)
-        kl = jnp.sum(jnp.where(probs > 0, probs * (log_policy - log_ref), 0.0), axis=-1)
-        pick = lambda lp: jnp.take_along_axis(lp, token[:, None], axis=-1)[:, 0]  # noqa: E731
+        token, logprob, ref_logprob, kl = _sample(policy_logits, ref_logits, jax.random.fold_in(key, t), spec)
+        token = jnp.where(active, token, spec.pad_id)
         out = {
             "tokens": out["tokens"].at[:, t].set(token),
             "mask": out["mask"].at[:, t].set(active),
-            "logprobs": out["logprobs"].at[:, t].set(jnp.where(active, pick(log_policy), 0.0)),
-            "ref_logprobs": out["ref_logprobs"].at[:, t].set(jnp.where(active, pick(log_ref), 0.0)),
+            "logprobs": out["logprobs"].at[:, t].set(jnp.where(active, logprob, 0.0)),
+            "ref_logprobs": out["ref_logprobs"].at[:, t].set(jnp.where(active, ref_logprob, 0.0)),
             "kl": out["kl"] + jnp.where(active, kl, 0.0),
         }
         if spec.eos_id is not None:

@@ -113,11 +113,11 @@ def test_sharded_index_checkpoint_and_mesh_placement(tmp_path):
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
     model = from_hf(tmp_path, mesh=mesh)
     spec = lambda x: tuple(x[...].sharding.spec)  # noqa: E731
-    assert spec(model.layers.q) == (None, "fsdp", "tensor", None)
-    assert spec(model.layers.k) == (None, "fsdp", "tensor", None)
-    assert spec(model.layers.down) == (None, "tensor", "fsdp")
+    assert spec(model.layers[0].q) == ("fsdp", "tensor", None)
+    assert spec(model.layers[1].k) == ("fsdp", "tensor", None)
+    assert spec(model.layers[0].down) == ("tensor", "fsdp")
     assert spec(model.lm_head) == ("fsdp", None)  # vocab 61 does not divide by 2: replicated
-    assert len(model.layers.q[...].addressable_shards) == 8
+    assert len(model.layers[0].q[...].addressable_shards) == 8
     ids = np.random.default_rng(6).integers(0, 61, size=(4, 10))
     ids_sharded = jax.device_put(jnp.asarray(ids, jnp.int32), sharding.batch_sharding(mesh, 2))
     got = jax.jit(lambda m, i: m(i))(model, ids_sharded)
@@ -133,7 +133,7 @@ def test_bf16_checkpoint_loads_in_bf16_and_f32(tmp_path):
     f32 = from_hf(tmp_path)
     np.testing.assert_allclose(f32(jnp.asarray(ids, jnp.int32)), reference, atol=1e-4, rtol=1e-4)
     bf16 = from_hf(tmp_path, dtype=jnp.bfloat16)
-    assert bf16.layers.q[...].dtype == jnp.bfloat16
+    assert bf16.layers[0].q[...].dtype == jnp.bfloat16
     out = np.asarray(bf16(jnp.asarray(ids, jnp.int32)))
     assert out.dtype == np.float32
     assert np.abs(out - reference).max() < 0.1 * np.abs(reference).max()

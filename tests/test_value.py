@@ -73,7 +73,7 @@ def test_sharded_value_models_equal_single_device(llama_dir):
     np.testing.assert_allclose(jax.jit(lambda m, i: m(i))(sharded, ids), single(ids), atol=1e-5)
     cfg = from_hf(llama_dir).cfg
     scratch, scratch_sharded = value_from_scratch(cfg, head, seed=6), value_from_scratch(cfg, head, seed=6, mesh=mesh)
-    assert tuple(scratch_sharded.backbone.layers.up[...].sharding.spec) == (None, "fsdp", "tensor")
+    assert tuple(scratch_sharded.backbone.layers[0].up[...].sharding.spec) == ("fsdp", "tensor")
     np.testing.assert_allclose(jax.jit(lambda m, i: m(i))(scratch_sharded, ids), scratch(ids), atol=1e-5)
 
 

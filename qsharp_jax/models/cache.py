@@ -13,18 +13,19 @@ class KVCache:
 
     Slots fill left to right, the same count for every sequence (``index``); a slot written for a
     padding token has ``kv_mask`` False and is never attended to. Position ids are per sequence, so
-    left-padded prompts decode exactly like unpadded ones.
+    left-padded prompts decode exactly like unpadded ones. Each layer has its own buffer, so a
+    decode step writes one slot of each in place instead of copying a stacked array.
 
     Attributes:
-      k, v: ``[layers, batch, slots, kv_heads, head_dim]`` in the model's dtype.
+      k, v: tuples of ``layers`` arrays ``[batch, kv_heads, slots, head_dim]`` in the model's dtype.
       kv_mask: bool ``[batch, slots]``, slot holds a real token.
       kv_positions: int32 ``[batch, slots]``, position id of the token in each slot.
       positions: int32 ``[batch]``, position id the next real token will get.
       index: int32 ``[]``, the next slot to write.
     """
 
-    k: jax.Array
-    v: jax.Array
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
     kv_mask: jax.Array
     kv_positions: jax.Array
     positions: jax.Array
@@ -32,14 +33,14 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.k[0].shape[2]
 
     @classmethod
     def create(cls, *, layers: int, batch: int, max_len: int, kv_heads: int, head_dim: int, dtype) -> "KVCache":
-        shape = (layers, batch, max_len, kv_heads, head_dim)
+        shape = (batch, kv_heads, max_len, head_dim)
         return cls(
-            k=jnp.zeros(shape, dtype),
-            v=jnp.zeros(shape, dtype),
+            k=tuple(jnp.zeros(shape, dtype) for _ in range(layers)),
+            v=tuple(jnp.zeros(shape, dtype) for _ in range(layers)),
             kv_mask=jnp.zeros((batch, max_len), bool),
             kv_positions=jnp.zeros((batch, max_len), jnp.int32),
             positions=jnp.zeros((batch,), jnp.int32),

@@ -131,21 +131,21 @@ def load_state(
         if not name.startswith(prefix):
             return var
         ours = name[len(prefix):]
-        if ours not in family.PARAMS:
+        layer = re.fullmatch(r"layers\.(\d+)\.(\w+)", ours)
+        key = f"layers.{layer.group(2)}" if layer else ours
+        if key not in family.PARAMS:
             unknown.append(ours)
             return var
-        template, transform = family.PARAMS[ours]
-        hf_names = [template.format(i=i) for i in range(cfg.num_layers)] if "{i}" in template else [template]
-        used.update(n for n in hf_names if n in available)
-        absent = [n for n in hf_names if n not in available]
-        if absent:
-            missing.extend(absent)
+        template, transform = family.PARAMS[key]
+        hf_name = template.format(i=layer.group(1)) if layer else template
+        if hf_name not in available:
+            missing.append(hf_name)
             return var
-        parts = [transform(np.asarray(tensors.get(available[n])), cfg) for n in hf_names]
-        host = np.stack(parts) if "{i}" in template else parts[0]
+        used.add(hf_name)
+        host = transform(np.asarray(tensors.get(available[hf_name])), cfg)
         expected = var.get_value().shape
         if host.shape != tuple(expected):
-            misshaped.append(f"{hf_names[0]}: gives {host.shape} for {ours}, expected {tuple(expected)}")
+            misshaped.append(f"{hf_name}: gives {host.shape} for {ours}, expected {tuple(expected)}")
             return var
         return var.replace(_place(host.astype(dtype), shard))
 

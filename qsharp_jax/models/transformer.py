@@ -5,9 +5,9 @@ RMSNorm, SwiGLU, grouped-query attention) differ only in a handful of switches, 
 code; ``gpt2.py`` and ``llama.py`` turn a Hugging Face ``config.json`` into a
 :class:`TransformerConfig` and hold the Hugging Face parameter-name tables.
 
-Layer parameters are stacked on a leading ``layers`` axis and the forward pass is a ``lax.scan``
-over layers, so compile time does not grow with depth. Every parameter carries logical axis names
-for :mod:`qsharp_jax.sharding`.
+Each block owns its parameter arrays and each layer its own KV-cache buffer (see ``_run`` for why
+not a scan over stacked layers). Every parameter carries logical axis names for
+:mod:`qsharp_jax.sharding`.
 
 Three ways to run the layers:
   * ``model(input_ids, attention_mask)`` — the whole sequence, no cache.
@@ -112,46 +112,46 @@ def _init_param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, 
     return nnx.Param(value.astype(dtype), out_sharding=axes, eager_sharding=False)
 
 
-class Layers(nnx.Module):
-    """All decoder blocks' parameters, stacked on a leading ``layers`` axis."""
+class Block(nnx.Module):
+    """One decoder block's parameters (names and shapes from :func:`block_param_specs`)."""
 
     def __init__(self, cfg: TransformerConfig, *, dtype, rngs: nnx.Rngs):
-        for name, (shape, axes, kind) in layer_param_specs(cfg).items():
+        for name, (shape, axes, kind) in block_param_specs(cfg).items():
             setattr(self, name, _init_param(rngs, shape, axes, kind, dtype))
 
     def arrays(self) -> dict[str, jax.Array]:
         return {name: var[...] for name, var in vars(self).items() if isinstance(var, nnx.Param)}
 
 
-def layer_param_specs(cfg: TransformerConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, ...], str]]:
-    """name -> (shape, logical axes, init) of the stacked per-layer parameters."""
-    L, E, H, K, D, F = cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
+def block_param_specs(cfg: TransformerConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, ...], str]]:
+    """name -> (shape, logical axes, init) of one block's parameters."""
+    E, H, K, D, F = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
     specs = {
-        "attn_norm_scale": ((L, E), ("layers", "embed"), "ones"),
-        "q": ((L, E, H, D), ("layers", "embed", "heads", "head_dim"), "normal"),
-        "k": ((L, E, K, D), ("layers", "embed", "kv_heads", "head_dim"), "normal"),
-        "v": ((L, E, K, D), ("layers", "embed", "kv_heads", "head_dim"), "normal"),
-        "o": ((L, H, D, E), ("layers", "heads", "head_dim", "embed"), "normal"),
-        "mlp_norm_scale": ((L, E), ("layers", "embed"), "ones"),
-        "up": ((L, E, F), ("layers", "embed", "mlp"), "normal"),
-        "down": ((L, F, E), ("layers", "mlp", "embed"), "normal"),
+        "attn_norm_scale": ((E,), ("embed",), "ones"),
+        "q": ((E, H, D), ("embed", "heads", "head_dim"), "normal"),
+        "k": ((E, K, D), ("embed", "kv_heads", "head_dim"), "normal"),
+        "v": ((E, K, D), ("embed", "kv_heads", "head_dim"), "normal"),
+        "o": ((H, D, E), ("heads", "head_dim", "embed"), "normal"),
+        "mlp_norm_scale": ((E,), ("embed",), "ones"),
+        "up": ((E, F), ("embed", "mlp"), "normal"),
+        "down": ((F, E), ("mlp", "embed"), "normal"),
     }
     if cfg.norm == "layernorm":
-        specs["attn_norm_bias"] = ((L, E), ("layers", "embed"), "zeros")
-        specs["mlp_norm_bias"] = ((L, E), ("layers", "embed"), "zeros")
+        specs["attn_norm_bias"] = ((E,), ("embed",), "zeros")
+        specs["mlp_norm_bias"] = ((E,), ("embed",), "zeros")
     if cfg.qkv_bias:
-        specs["q_bias"] = ((L, H, D), ("layers", "heads", "head_dim"), "zeros")
-        specs["k_bias"] = ((L, K, D), ("layers", "kv_heads", "head_dim"), "zeros")
-        specs["v_bias"] = ((L, K, D), ("layers", "kv_heads", "head_dim"), "zeros")
+        specs["q_bias"] = ((H, D), ("heads", "head_dim"), "zeros")
+        specs["k_bias"] = ((K, D), ("kv_heads", "head_dim"), "zeros")
+        specs["v_bias"] = ((K, D), ("kv_heads", "head_dim"), "zeros")
     if cfg.out_bias:
-        specs["o_bias"] = ((L, E), ("layers", "embed"), "zeros")
+        specs["o_bias"] = ((E,), ("embed",), "zeros")
     if cfg.mlp == "gated":
-        specs["gate"] = ((L, E, F), ("layers", "embed", "mlp"), "normal")
+        specs["gate"] = ((E, F), ("embed", "mlp"), "normal")
     if cfg.mlp_bias:
-        specs["up_bias"] = ((L, F), ("layers", "mlp"), "zeros")
-        specs["down_bias"] = ((L, E), ("layers", "embed"), "zeros")
+        specs["up_bias"] = ((F,), ("mlp",), "zeros")
+        specs["down_bias"] = ((E,), ("embed",), "zeros")
         if cfg.mlp == "gated":
-            specs["gate_bias"] = ((L, F), ("layers", "mlp"), "zeros")
+            specs["gate_bias"] = ((F,), ("mlp",), "zeros")
     return specs
 
 
@@ -179,7 +179,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
     """Grouped-query attention.
 
     Args:
-      q: ``[B, T, H, D]``; k, v: ``[B, S, K, D]`` with H a multiple of K.
+      q: ``[B, T, H, D]``; k, v: ``[B, K, S, D]`` (the KV-cache layout) with H a multiple of K.
       mask: bool ``[B, T, S]``, True where query t may attend to key s.
 
     Returns:
@@ -187,12 +187,19 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
       finite (uniform) average, never NaN — it only happens at padding.
     """
     b, t, h, d = q.shape
-    kv = k.shape[2]
-    q = q.reshape(b, t, kv, h // kv, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(d)
+    kv = k.shape[1]
+    # batch axes (b, k) lead in both operands, so no key/value copy is needed for the matmuls
+    q = q.reshape(b, t, kv, h // kv, d).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, D]
+    scores = jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(d)
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bkgts,bskd->btkgd", weights, v).reshape(b, t, h, d)
+    out = jnp.einsum("bkgts,bksd->bkgtd", weights, v)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
+
+
+def _heads_major(x: jax.Array) -> jax.Array:
+    """``[B, T, K, D]`` -> ``[B, K, T, D]``."""
+    return x.transpose(0, 2, 1, 3)
 
 
 AttendFn = Callable[[jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
@@ -208,7 +215,7 @@ class Transformer(nnx.Module):
         self.embed = _init_param(rngs, (cfg.vocab_size, E), ("vocab", "embed"), "normal", dtype)
         if cfg.positions == "learned":
             self.pos_embed = _init_param(rngs, (cfg.max_positions, E), ("positions", "embed"), "normal", dtype)
-        self.layers = Layers(cfg, dtype=dtype, rngs=rngs)
+        self.layers = nnx.List([Block(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_layers)])
         self.final_norm_scale = _init_param(rngs, (E,), ("embed",), "ones", dtype)
         if cfg.norm == "layernorm":
             self.final_norm_bias = _init_param(rngs, (E,), ("embed",), "zeros", dtype)
@@ -231,7 +238,7 @@ class Transformer(nnx.Module):
         allowed &= self._window(positions, positions)
 
         def attend(q, k, v, _):
-            return attention(q, k, v, allowed), None
+            return attention(q, _heads_major(k), _heads_major(v), allowed), None
 
         x, _ = self._run(input_ids, positions, attend, None)
         return x
@@ -284,8 +291,8 @@ class Transformer(nnx.Module):
 
         def attend(q, k, v, layer_cache):
             k_all, v_all = layer_cache
-            k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype), (0, idx, 0, 0))
-            v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype), (0, idx, 0, 0))
+            k_all = jax.lax.dynamic_update_slice(k_all, _heads_major(k).astype(k_all.dtype), (0, 0, idx, 0))
+            v_all = jax.lax.dynamic_update_slice(v_all, _heads_major(v).astype(v_all.dtype), (0, 0, idx, 0))
             return attention(q, k_all, v_all, allowed), (k_all, v_all)
 
         x, (new_k, new_v) = self._run(input_ids, positions, attend, (cache.k, cache.v))
@@ -312,11 +319,11 @@ class Transformer(nnx.Module):
 
         def attend(q, k_new, v_new, layer_cache):
             k_past, v_past = layer_cache
-            k_all = jnp.concatenate([k_past, k_new.astype(k_past.dtype)], axis=1)
-            v_all = jnp.concatenate([v_past, v_new.astype(v_past.dtype)], axis=1)
+            k_all = jnp.concatenate([k_past, _heads_major(k_new).astype(k_past.dtype)], axis=2)
+            v_all = jnp.concatenate([v_past, _heads_major(v_new).astype(v_past.dtype)], axis=2)
             return attention(q, k_all, v_all, allowed), None
 
-        x, _ = self._run(candidate_ids, positions, attend, (cache.k, cache.v), carry_cache=False)
+        x, _ = self._run(candidate_ids, positions, attend, (cache.k, cache.v))
         return x
 
     def logits(self, hidden: jax.Array) -> jax.Array:
@@ -341,9 +348,10 @@ class Transformer(nnx.Module):
 
     def _check_cache(self, cache: KVCache, batch: int) -> None:
         c = self.cfg
-        expected = (c.num_layers, batch, cache.max_len, c.num_kv_heads, c.head_dim)
-        if cache.k.shape != expected:
-            raise ValueError(f"cache k has shape {cache.k.shape}, this model and batch need {expected}")
+        expected = (batch, c.num_kv_heads, cache.max_len, c.head_dim)
+        got = (len(cache.k), cache.k[0].shape)
+        if got != (c.num_layers, expected):
+            raise ValueError(f"cache has {got[0]} layers of {got[1]}; this model and batch need {c.num_layers} of {expected}")
 
     def _window(self, q_positions: jax.Array, k_positions: jax.Array) -> jax.Array:
         """bool ``[B, T, S]``: key within the sliding window of the query (all True without one)."""
@@ -351,28 +359,36 @@ class Transformer(nnx.Module):
             return jnp.ones((), bool)
         return (q_positions[:, :, None] - k_positions[:, None, :]) < self.cfg.sliding_window
 
-    def _run(
-        self, input_ids: jax.Array, positions: jax.Array, attend: AttendFn, cache_kv: Any, carry_cache: bool = True
-    ) -> tuple[jax.Array, Any]:
-        """Embed, scan the blocks, final norm. ``attend(q, k, v, layer_cache)`` does the attention."""
+    def _run(self, input_ids: jax.Array, positions: jax.Array, attend: AttendFn, cache_kv: Any) -> tuple[jax.Array, Any]:
+        """Embed, run the blocks, final norm. ``attend(q, k, v, layer_cache)`` does the attention.
+
+        Each block has its own parameter arrays and each layer its own cache buffer: on CPU, XLA
+        copies a slice of a stacked ``[layers, ...]`` array before every matmul (3x slower decode
+        measured), and a scanned stacked cache is copied at every step.
+        """
         cfg = self.cfg
         x = jnp.take(self.embed[...], input_ids, axis=0)
         if cfg.positions == "learned":
             x = x + jnp.take(self.pos_embed[...], positions, axis=0)
         inv_freq = rope_inv_freq(cfg) if cfg.positions == "rope" else None
-        params = self.layers.arrays()
-
-        def block(x, p, layer_cache):
+        new_k, new_v = [], []
+        for layer, block in enumerate(self.layers):
+            p = block.arrays()
             h = _norm(cfg, x, p["attn_norm_scale"], p.get("attn_norm_bias"))
-            q = jnp.einsum("bte,ehd->bthd", h, p["q"])
-            k = jnp.einsum("bte,ekd->btkd", h, p["k"])
-            v = jnp.einsum("bte,ekd->btkd", h, p["v"])
+            # plain 2-D matmuls over flattened heads: XLA then needs no weight transposes
+            q = (h @ p["q"].reshape(h.shape[-1], -1)).reshape(*h.shape[:2], *p["q"].shape[1:])
+            k = (h @ p["k"].reshape(h.shape[-1], -1)).reshape(*h.shape[:2], *p["k"].shape[1:])
+            v = (h @ p["v"].reshape(h.shape[-1], -1)).reshape(*h.shape[:2], *p["v"].shape[1:])
             if cfg.qkv_bias:
                 q, k, v = q + p["q_bias"], k + p["k_bias"], v + p["v_bias"]
             if inv_freq is not None:
                 q, k = _rope(q, positions, inv_freq), _rope(k, positions, inv_freq)
-            out, layer_cache = attend(q, k, v, layer_cache)
-            x = x + jnp.einsum("bthd,hde->bte", out, p["o"])
+            layer_cache = None if cache_kv is None else (cache_kv[0][layer], cache_kv[1][layer])
+            out, written = attend(q, k, v, layer_cache)
+            if written is not None:
+                new_k.append(written[0])
+                new_v.append(written[1])
+            x = x + out.reshape(*out.shape[:2], -1) @ p["o"].reshape(-1, p["o"].shape[-1])
             if cfg.out_bias:
                 x = x + p["o_bias"]
             h = _norm(cfg, x, p["mlp_norm_scale"], p.get("mlp_norm_bias"))
@@ -383,25 +399,5 @@ class Transformer(nnx.Module):
             else:
                 act = ACTIVATIONS[cfg.activation](up)
             x = x + (act @ p["down"] + p["down_bias"] if cfg.mlp_bias else act @ p["down"])
-            return x, layer_cache
-
-        if cache_kv is None:
-            x, _ = jax.lax.scan(lambda x, p: (block(x, p, None)[0], None), x, params)
-            out_cache = None
-        elif carry_cache:
-            # the whole cache rides in the carry and is updated in place, layer by layer
-            def body(carry, xs):
-                x, ck, cv = carry
-                p, layer = xs
-                x, (k_l, v_l) = block(x, p, (ck[layer], cv[layer]))
-                ck = jax.lax.dynamic_update_index_in_dim(ck, k_l, layer, 0)
-                cv = jax.lax.dynamic_update_index_in_dim(cv, v_l, layer, 0)
-                return (x, ck, cv), None
-
-            (x, ck, cv), _ = jax.lax.scan(body, (x, *cache_kv), (params, jnp.arange(cfg.num_layers)))
-            out_cache = (ck, cv)
-        else:
-            x, _ = jax.lax.scan(lambda x, xs: (block(x, xs[0], xs[1:])[0], None), x, (params, *cache_kv))
-            out_cache = None
         x = _norm(cfg, x, self.final_norm_scale[...], self.final_norm_bias[...] if cfg.norm == "layernorm" else None)
-        return x, out_cache
+        return x, ((tuple(new_k), tuple(new_v)) if new_k else None)
