@@ -113,10 +113,10 @@ def test_sharded_index_checkpoint_and_mesh_placement(tmp_path):
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
     model = from_hf(tmp_path, mesh=mesh)
     spec = lambda x: tuple(x[...].sharding.spec)  # noqa: E731
-    assert spec(model.layers[0].q) == ("fsdp", "tensor", None)
-    assert spec(model.layers[1].k) == ("fsdp", "tensor", None)
-    assert spec(model.layers[0].down) == ("tensor", "fsdp")
-    assert spec(model.lm_head) == ("fsdp", None)  # vocab 61 does not divide by 2: replicated
+    assert spec(model.layers[0].q) == ("tensor", None, "fsdp")
+    assert spec(model.layers[1].k) == ("tensor", None, "fsdp")
+    assert spec(model.layers[0].down) == ("fsdp", "tensor")
+    assert spec(model.lm_head) == (None, "fsdp")  # vocab 61 does not divide by 2: replicated
     assert len(model.layers[0].q[...].addressable_shards) == 8
     ids = np.random.default_rng(6).integers(0, 61, size=(4, 10))
     ids_sharded = jax.device_put(jnp.asarray(ids, jnp.int32), sharding.batch_sharding(mesh, 2))

@@ -53,8 +53,8 @@ def token_value_model(value_logits: np.ndarray, q_type: bool = False) -> ValueMo
     if q_type:
         state["head"]["bias"] = nnx.Param(jnp.asarray(value_logits, jnp.float32).reshape(-1))
     else:
-        kernel = np.zeros((e, k), np.float32)
-        kernel[:V] = value_logits / np.sqrt(e)
+        kernel = np.zeros((k, e), np.float32)  # [out, in]
+        kernel[:, :V] = value_logits.T / np.sqrt(e)
         state["head"]["kernel"] = nnx.Param(jnp.asarray(kernel))
     return nnx.merge(graphdef, state)
 
@@ -158,8 +158,8 @@ def test_top_p_and_temperature_shape_the_policy(ref):
     ids, _ = prompts(1, seed=8)
     n = 3000
     ids, mask = jnp.repeat(ids, n, 0), jnp.ones((n, 5), bool)
-    out = generate(ref, ids, mask, key=jax.random.key(8), max_new_tokens=1, top_k=None, top_p=0.7, temperature=6.0)
-    logits = ref(ids[:1])[0, -1] / 6.0
+    out = generate(ref, ids, mask, key=jax.random.key(8), max_new_tokens=1, top_k=None, top_p=0.7, temperature=10.0)
+    logits = ref(ids[:1])[0, -1] / 10.0
     probs = np.asarray(jax.nn.softmax(logits), np.float64)
     order = np.argsort(-probs)
     keep = order[: np.searchsorted(np.cumsum(probs[order]), 0.7) + 1]

@@ -45,7 +45,7 @@ def test_jitted_forward_with_sharded_params_equals_single_device():
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 32, size=(4, 8)), jnp.int32)
     ids = jax.device_put(ids, sharding.batch_sharding(mesh, 2))
     out = jax.jit(lambda s, i: nnx.merge(graphdef, s)(i))(placed, ids)
-    assert placed["layers"][0]["q"][...].sharding.spec == P("fsdp", "tensor", None)
+    assert placed["layers"][0]["q"][...].sharding.spec == P("tensor", None, "fsdp")
     np.testing.assert_allclose(out, model(ids), atol=1e-5)
 
 

