@@ -174,38 +174,47 @@ def generate(
     )
 
 
-def _sample(policy_logits: jax.Array, ref_logits: jax.Array, key: jax.Array, spec: _Spec):
-    """Sample from the final policy: temperature, then top-k, then top-p of ``policy_logits [B, V]``.
+def _candidates(policy_logits: jax.Array, spec: _Spec) -> tuple[jax.Array, jax.Array]:
+    """The tokens the final policy may pick from full-vocabulary logits ``[B, V]``, best first.
 
-    Works on the few tokens the policy can pick (top-k) instead of the whole vocabulary, which is
-    exact: the KL of a truncated policy only has terms on its support.
-
-    Returns:
-      token int32 ``[B]``, its log-probability under the policy and under π_ref, and the step's
-      KL(π_t ‖ π_ref,t) ``[B]``.
+    Returns (values, ids) ``[B, C]``: temperature-scaled logits and token ids, after top-k (C = k)
+    or, with no top-k, the whole vocabulary (sorted only when top-p needs it).
     """
     logits = policy_logits / spec.temperature
     vocab = logits.shape[-1]
     if spec.top_k is not None and spec.top_k < vocab:
-        values, ids = jax.lax.top_k(logits, spec.top_k)  # sorted, best first
-    elif spec.top_p < 1.0:
+        return jax.lax.top_k(logits, spec.top_k)
+    if spec.top_p < 1.0:
         ids = jnp.argsort(-logits, axis=-1)
-        values = jnp.take_along_axis(logits, ids, axis=-1)
-    else:
-        ids, values = jnp.broadcast_to(jnp.arange(vocab), logits.shape), logits
+        return jnp.take_along_axis(logits, ids, axis=-1), ids
+    return logits, jnp.broadcast_to(jnp.arange(vocab), logits.shape)
+
+
+def _draw(values: jax.Array, ids: jax.Array, ref_at_ids: jax.Array, ref_lse: jax.Array, key: jax.Array, spec: _Spec):
+    """Sample among candidates sorted best first: top-p, then a draw.
+
+    Args:
+      values: ``[B, C]`` tempered policy logits of the candidates, sorted descending.
+      ids: ``[B, C]`` their token ids; ref_at_ids: π_ref's raw logits there; ref_lse: ``[B]``
+        logsumexp of π_ref's full logits.
+
+    Returns:
+      (choice ``[B]`` index into C, token, log π(token), log π_ref(token), KL(π_t ‖ π_ref,t)).
+      The KL is exact: a truncated policy has no mass, hence no KL terms, off its candidates.
+    """
     if spec.top_p < 1.0:
         probs = jax.nn.softmax(values, axis=-1)
         before = jnp.cumsum(probs, axis=-1) - probs  # mass of the better tokens
         values = jnp.where(before < spec.top_p, values, -jnp.inf)  # the best token always stays
     # the same formula for both, so that an untouched policy has exactly zero KL
     log_policy = values - jax.nn.logsumexp(values, axis=-1, keepdims=True)
-    log_ref = jnp.take_along_axis(ref_logits, ids, axis=-1) - jax.nn.logsumexp(ref_logits, axis=-1, keepdims=True)
+    log_ref = ref_at_ids - ref_lse[:, None]
     choice = jax.random.categorical(key, log_policy, axis=-1)
     probs = jnp.exp(log_policy)
     kl = jnp.sum(jnp.where(probs > 0, probs * (log_policy - log_ref), 0.0), axis=-1)
     kl = jnp.maximum(kl, 0.0)  # KL >= 0; only float rounding could say otherwise
     pick = lambda x: jnp.take_along_axis(x, choice[:, None], axis=-1)[:, 0]  # noqa: E731
-    return pick(ids).astype(jnp.int32), pick(log_policy), pick(log_ref), kl
+    return choice, pick(ids).astype(jnp.int32), pick(log_policy), pick(log_ref), kl
 
 
 @functools.partial(jax.jit, static_argnames=("ref_graph", "value_graph", "spec"))
@@ -215,6 +224,7 @@ def _generate(ref_graph, ref_state, value_graph, value_state, prompt_ids, prompt
     value = nnx.merge(value_graph, value_state) if value_graph is not None else None
     batch = prompt_ids.shape[0]
     n = spec.max_new_tokens
+    v_type = value is not None and not spec.q_type
 
     ref_logits, ref_cache = ref.extend(prompt_ids, ref.init_cache(batch, spec.cache_len), prompt_mask)
     ref_logits = ref_logits[:, -1]
@@ -231,26 +241,46 @@ def _generate(ref_graph, ref_state, value_graph, value_state, prompt_ids, prompt
             return guidance_lib.cd_logit_offset(values, atoms, eta)
         return guidance_lib.bernoulli_logit_offset(values, eta)
 
-    def guided(ref_logits, value_cache, value_out):
-        if spec.q_type:
-            return ref_logits + offsets_of(value_out)
-        candidates = jax.lax.top_k(ref_logits, spec.top_k)[1]
-        offsets = offsets_of(value.score_candidates(candidates, value_cache))
-        return guidance_lib.guided_logits(ref_logits, candidates, offsets, others=spec.others)
+    def v_type_candidates(ref_logits, value_cache, guide_now):
+        """V-type guidance on π_ref's top-k: guided logits there + the candidates' value-model K/V.
+
+        Sampling within these k is exact for both ``others`` modes: every candidate's guided logit
+        is >= any other token's (offsets >= their row minimum, π_ref logits >= the k-th), so the
+        final top-k of the guided policy is this same set.
+        """
+        ref_top, cand = jax.lax.top_k(ref_logits, spec.top_k)
+
+        def score():
+            values, kv = value.score_candidates(cand, value_cache, return_kv=True)
+            return jnp.where(guide_now[:, None], offsets_of(values), 0.0), kv
+
+        def skip():  # everyone has switched to π_ref: the value model is not needed any more
+            shape = (batch, value.backbone.cfg.num_kv_heads, spec.top_k, value.backbone.cfg.head_dim)
+            zeros = tuple(jnp.zeros(shape, value_cache.k[0].dtype) for _ in value_cache.k)
+            return jnp.zeros(cand.shape, jnp.float32), (zeros, zeros)
+
+        offsets, kv = jax.lax.cond(jnp.any(guide_now), score, skip)
+        values = (ref_top + offsets) / spec.temperature
+        order = jnp.argsort(-values, axis=-1)  # best first, for top-p
+        take = lambda x: jnp.take_along_axis(x, order, axis=-1)  # noqa: E731
+        return take(values), take(cand), take(ref_top), order, kv
 
     def step(carry):
         t, key, ref_logits, ref_cache, value_cache, value_out, out, done = carry
         active = ~done
         guide_now = active & (t < switch_time)
-        if spec.guidance is None:
-            policy_logits = ref_logits
+        ref_lse = jax.nn.logsumexp(ref_logits, axis=-1)
+        if v_type:
+            values, ids, ref_at_ids, order, kv = v_type_candidates(ref_logits, value_cache, guide_now)
         else:
-            policy_logits = jax.lax.cond(
-                jnp.any(guide_now),
-                lambda: jnp.where(guide_now[:, None], guided(ref_logits, value_cache, value_out), ref_logits),
-                lambda: ref_logits,
-            )
-        token, logprob, ref_logprob, kl = _sample(policy_logits, ref_logits, jax.random.fold_in(key, t), spec)
+            policy_logits = ref_logits
+            if spec.guidance is not None:  # Q-type: every token's value is at hand
+                policy_logits = jnp.where(guide_now[:, None], ref_logits + offsets_of(value_out), ref_logits)
+            values, ids = _candidates(policy_logits, spec)
+            ref_at_ids = jnp.take_along_axis(ref_logits, ids, axis=-1)
+        choice, token, logprob, ref_logprob, kl = _draw(
+            values, ids, ref_at_ids, ref_lse, jax.random.fold_in(key, t), spec
+        )
         token = jnp.where(active, token, spec.pad_id)
         out = {
             "tokens": out["tokens"].at[:, t].set(token),
@@ -263,8 +293,12 @@ def _generate(ref_graph, ref_state, value_graph, value_state, prompt_ids, prompt
             done = done | (token == spec.eos_id)
         ref_logits, ref_cache = ref.extend(token[:, None], ref_cache, active[:, None])
         ref_logits = ref_logits[:, 0]
-        if value is not None:
-            # the value model only needs to follow while some sequence may still be guided
+        if v_type:
+            # the chosen candidate's keys/values are already computed: no second forward
+            chosen = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
+            value_cache = value.commit_candidate(value_cache, kv, chosen, active)
+        elif value is not None:
+            # a Q-type model needs the token's forward, while some sequence may still be guided
             def advance():
                 out_, cache_ = value.extend(token[:, None], value_cache, active[:, None])
                 return out_[:, 0], cache_

@@ -88,3 +88,23 @@ def test_vocabulary_mismatch_and_bad_heads(llama_dir):
     with pytest.raises(ValueError, match="num_atoms >= 2"):
         HeadConfig("categorical", 1)
     assert isinstance(value_from_scratch(ref.cfg, HeadConfig()), ValueModel)
+
+
+def test_commit_candidate_equals_extend(llama_dir):
+    """Appending a scored candidate from its own keys/values is the same as running extend on it."""
+    value = value_from_hf(llama_dir, HeadConfig("categorical", 11), seed=4)
+    ids = _ids(5, (2, 6))
+    mask = jnp.asarray([[False, True, True, True, True, True], [True] * 6])
+    cache = value.init_cache(2, 10)
+    _, cache = value.extend(ids, cache, mask)
+    candidates = _ids(6, (2, 3))
+    _, kv = value.score_candidates(candidates, cache, return_kv=True)
+    choice = jnp.array([2, 0])
+    committed = value.commit_candidate(cache, kv, choice)
+    chosen = jnp.take_along_axis(candidates, choice[:, None], 1)
+    _, extended = value.extend(chosen, cache)
+    for a, b in zip(jax.tree.leaves(committed), jax.tree.leaves(extended)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    # and the next step sees the same thing
+    nxt = _ids(7, (2, 1))
+    np.testing.assert_allclose(value.extend(nxt, committed)[0], value.extend(nxt, extended)[0], atol=1e-5)

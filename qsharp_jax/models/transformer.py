@@ -208,6 +208,35 @@ def linear(x: jax.Array, weight: jax.Array, out_dtype=None) -> jax.Array:
     return jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=out_dtype)
 
 
+def _attention_with_self(
+    q: jax.Array, k_past: jax.Array, v_past: jax.Array, past_mask: jax.Array, k_self: jax.Array, v_self: jax.Array
+) -> jax.Array:
+    """Attention of each query to the cached keys and to its own key only.
+
+    Args:
+      q: ``[B, T, H, D]``; k_past, v_past: ``[B, K, S, D]``; past_mask: bool ``[B, T or 1, S]``;
+      k_self, v_self: ``[B, K, T, D]`` (query t's own key and value).
+
+    Returns:
+      ``[B, T, H, D]``, equal to :func:`attention` over the cache concatenated with a diagonal
+      block, without copying the cache.
+    """
+    b, t, h, d = q.shape
+    kv = k_past.shape[1]
+    q = q.reshape(b, t, kv, h // kv, d).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, D]
+    scale = 1.0 / math.sqrt(d)
+    past = jnp.einsum("bkgtd,bksd->bkgts", q, k_past, preferred_element_type=jnp.float32) * scale
+    past = jnp.where(past_mask[:, None, None], past, -jnp.inf)
+    own = jnp.einsum("bkgtd,bktd->bkgt", q, k_self, preferred_element_type=jnp.float32) * scale
+    top = jnp.maximum(jnp.max(past, axis=-1), own)  # finite: the own score always counts
+    w_past = jnp.exp(past - top[..., None])
+    w_own = jnp.exp(own - top)
+    norm = jnp.sum(w_past, axis=-1) + w_own
+    out = jnp.einsum("bkgts,bksd->bkgtd", w_past.astype(v_past.dtype), v_past, preferred_element_type=jnp.float32)
+    out = (out + w_own[..., None] * v_self[:, :, None].astype(jnp.float32)) / norm[..., None]
+    return out.astype(v_past.dtype).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
+
+
 def _heads_major(x: jax.Array) -> jax.Array:
     """``[B, T, K, D]`` -> ``[B, K, T, D]``."""
     return x.transpose(0, 2, 1, 3)
@@ -314,28 +343,52 @@ class Transformer(nnx.Module):
         )
         return x, cache
 
-    def candidates_hidden(self, candidate_ids: jax.Array, cache: KVCache) -> jax.Array:
+    def candidates_hidden(
+        self, candidate_ids: jax.Array, cache: KVCache, *, return_kv: bool = False
+    ) -> jax.Array | tuple[jax.Array, tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]]:
         """Hidden states ``[B, k, E]`` of k alternative next tokens per sequence, in one forward.
 
         Candidate j of sequence b sits at the next position of b and attends to b's cached tokens
-        and to itself only (a diagonal mask), so each row equals appending that single token.
+        and to itself only (a diagonal mask), so each row equals appending that single token. The
+        cache is not changed; with ``return_kv`` the candidates' keys/values (per layer
+        ``[B, kv_heads, k, head_dim]``) come back too, for :meth:`commit_candidate`.
         """
         candidate_ids, _ = self._check_ids(candidate_ids, None)
         self._check_cache(cache, candidate_ids.shape[0])
-        k = candidate_ids.shape[1]
         positions = jnp.broadcast_to(cache.positions[:, None], candidate_ids.shape)
         past = cache.kv_mask & (jnp.arange(cache.max_len)[None, :] < cache.index)
-        past = jnp.broadcast_to(past[:, None, :] & self._window(positions, cache.kv_positions), (*positions.shape, cache.max_len))
-        allowed = jnp.concatenate([past, jnp.broadcast_to(jnp.eye(k, dtype=bool), (past.shape[0], k, k))], axis=2)
+        past = past[:, None, :] & self._window(positions, cache.kv_positions)  # [B, k or 1, S]
 
         def attend(q, k_new, v_new, layer_cache):
             k_past, v_past = layer_cache
-            k_all = jnp.concatenate([k_past, _heads_major(k_new).astype(k_past.dtype)], axis=2)
-            v_all = jnp.concatenate([v_past, _heads_major(v_new).astype(v_past.dtype)], axis=2)
-            return attention(q, k_all, v_all, allowed), None
+            k_new = _heads_major(k_new).astype(k_past.dtype)
+            v_new = _heads_major(v_new).astype(v_past.dtype)
+            return _attention_with_self(q, k_past, v_past, past, k_new, v_new), (k_new, v_new)
 
-        x, _ = self._run(candidate_ids, positions, attend, (cache.k, cache.v))
-        return x
+        x, kv = self._run(candidate_ids, positions, attend, (cache.k, cache.v))
+        return (x, kv) if return_kv else x
+
+    def commit_candidate(
+        self, cache: KVCache, candidate_kv: Any, choice: jax.Array, active: jax.Array | None = None
+    ) -> KVCache:
+        """Append candidate ``choice [B]`` of a :meth:`candidates_hidden` pass to the cache.
+
+        Exactly what :meth:`extend` with that token would store, without running the model again.
+        ``active [B]`` False writes the slot as padding (a finished sequence).
+        """
+        batch = choice.shape[0]
+        active = jnp.ones((batch,), bool) if active is None else active
+        idx = cache.index
+        pick = lambda x: jnp.take_along_axis(x, choice[:, None, None, None], axis=2)  # noqa: E731
+        k = tuple(jax.lax.dynamic_update_slice(c, pick(n), (0, 0, idx, 0)) for c, n in zip(cache.k, candidate_kv[0]))
+        v = tuple(jax.lax.dynamic_update_slice(c, pick(n), (0, 0, idx, 0)) for c, n in zip(cache.v, candidate_kv[1]))
+        return cache.replace(
+            k=k, v=v,
+            kv_mask=jax.lax.dynamic_update_slice(cache.kv_mask, active[:, None], (0, idx)),
+            kv_positions=jax.lax.dynamic_update_slice(cache.kv_positions, cache.positions[:, None], (0, idx)),
+            positions=cache.positions + active.astype(jnp.int32),
+            index=idx + 1,
+        )
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """``[..., E]`` final-normed hidden states -> float32 logits ``[..., V]``."""

@@ -102,17 +102,26 @@ class ValueModel(nnx.Module):
         hidden, cache = self.backbone.extend_hidden(input_ids, cache, attention_mask)
         return self.head(hidden), cache
 
-    def score_candidates(self, candidate_ids: jax.Array, cache: KVCache) -> jax.Array:
+    def score_candidates(self, candidate_ids: jax.Array, cache: KVCache, *, return_kv: bool = False):
         """V-type: values of k candidate next tokens ``[B, k]`` -> ``[B, k, K]`` (or ``[B, k]``).
 
         One forward for all candidates of all sequences against the cache, which is unchanged.
+        With ``return_kv``, also the candidates' keys/values: :meth:`commit_candidate` then appends
+        the token actually chosen without another forward.
         """
         if self.head.cfg.q_type:
             raise ValueError(
                 "score_candidates is for V-type value models; a Q-type model gives every next token's "
                 "value at the last position of extend()/__call__"
             )
+        if return_kv:
+            hidden, kv = self.backbone.candidates_hidden(candidate_ids, cache, return_kv=True)
+            return self.head(hidden), kv
         return self.head(self.backbone.candidates_hidden(candidate_ids, cache))
+
+    def commit_candidate(self, cache: KVCache, candidate_kv, choice: jax.Array, active: jax.Array | None = None):
+        """Append the chosen candidate (index ``choice [B]``) of :meth:`score_candidates` to the cache."""
+        return self.backbone.commit_candidate(cache, candidate_kv, choice, active)
 
 
 def check_compatible(reference: Transformer, value: ValueModel) -> None:
