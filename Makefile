@@ -32,7 +32,7 @@ demo: install
 	$(VENV)/bin/qsharp tabular --config experiments/tabular/config.yaml
 
 bench: install-dev
-	@echo "No benchmarks yet: the rollout engine and train step (issues 5, 6) add them here."
+	$(PY) experiments/bench/rollout_bench.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis

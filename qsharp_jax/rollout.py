@@ -72,6 +72,7 @@ class _Spec:
     eos_id: int | None
     pad_id: int
     others: str
+    always_guided: bool  # no switch time: skip the per-step check whether guidance is still needed
 
 
 def generate(
@@ -156,6 +157,7 @@ def generate(
                 raise ValueError(f"atoms has shape {atoms.shape}, the value head has {k_atoms} atoms")
     elif value_model is not None:
         raise ValueError("a value_model was given but guidance=None; pass guidance='qsharp' (or 'cd', 'bernoulli')")
+    always_guided = switch_time is None
     if switch_time is None:
         switch_time = jnp.full((batch,), max_new_tokens, jnp.int32)
     switch_time = jnp.asarray(switch_time, jnp.int32)
@@ -165,6 +167,7 @@ def generate(
         max_new_tokens=max_new_tokens, cache_len=cache_len, guidance=guidance,
         q_type=bool(value_model is not None and value_model.head_cfg.q_type), top_k=top_k,
         temperature=float(temperature), top_p=float(top_p), eos_id=eos_id, pad_id=pad_id, others=others,
+        always_guided=always_guided,
     )
     ref_graph, ref_state = nnx.split(ref_model)
     value_graph, value_state = nnx.split(value_model) if value_model is not None else (None, None)
@@ -194,7 +197,8 @@ def _draw(values: jax.Array, ids: jax.Array, ref_at_ids: jax.Array, ref_lse: jax
     """Sample among candidates sorted best first: top-p, then a draw.
 
     Args:
-      values: ``[B, C]`` tempered policy logits of the candidates, sorted descending.
+      values: ``[B, C]`` tempered policy logits of the candidates (sorted descending when top-p
+        is used).
       ids: ``[B, C]`` their token ids; ref_at_ids: π_ref's raw logits there; ref_lse: ``[B]``
         logsumexp of π_ref's full logits.
 
@@ -259,8 +263,13 @@ def _generate(ref_graph, ref_state, value_graph, value_state, prompt_ids, prompt
             zeros = tuple(jnp.zeros(shape, value_cache.k[0].dtype) for _ in value_cache.k)
             return jnp.zeros(cand.shape, jnp.float32), (zeros, zeros)
 
-        offsets, kv = jax.lax.cond(jnp.any(guide_now), score, skip)
+        if spec.always_guided:
+            offsets, kv = score()
+        else:
+            offsets, kv = jax.lax.cond(jnp.any(guide_now), score, skip)
         values = (ref_top + offsets) / spec.temperature
+        if spec.top_p == 1.0:
+            return values, cand, ref_top, None, kv
         order = jnp.argsort(-values, axis=-1)  # best first, for top-p
         take = lambda x: jnp.take_along_axis(x, order, axis=-1)  # noqa: E731
         return take(values), take(cand), take(ref_top), order, kv
@@ -295,7 +304,7 @@ def _generate(ref_graph, ref_state, value_graph, value_state, prompt_ids, prompt
         ref_logits = ref_logits[:, 0]
         if v_type:
             # the chosen candidate's keys/values are already computed: no second forward
-            chosen = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
+            chosen = choice if order is None else jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
             value_cache = value.commit_candidate(value_cache, kv, chosen, active)
         elif value is not None:
             # a Q-type model needs the token's forward, while some sequence may still be guided
