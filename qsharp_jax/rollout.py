@@ -8,8 +8,9 @@ prompt batch, then runs a single ``lax.while_loop`` that, per step:
    model's offsets — a V-type model scores π_ref's top-k candidates in one forward against its own
    KV cache, a Q-type model reads every token's value from its last position;
 3. applies temperature, top-k and top-p to that final policy and samples;
-4. appends the token to both caches, records log-probabilities and the exact per-step
-   KL(π_t ‖ π_ref,t) over the full vocabulary.
+4. appends the token to both caches (a V-type model's cache takes the chosen candidate's keys and
+   values from step 2, with no second forward), records log-probabilities and the exact per-step
+   KL(π_t ‖ π_ref,t) over the full next-token distributions.
 
 The loop stops as soon as every sequence has emitted EOS. Once every sequence has passed its switch
 time, the value model is no longer run. Everything is deterministic given ``key``.
@@ -71,7 +72,6 @@ class _Spec:
     top_p: float
     eos_id: int | None
     pad_id: int
-    others: str
     always_guided: bool  # no switch time: skip the per-step check whether guidance is still needed
 
 
@@ -92,7 +92,6 @@ def generate(
     eos_id: int | None = None,
     pad_id: int = 0,
     atoms: jax.Array | None = None,
-    others: Literal["min", "exclude"] = "min",
     cache_len: int | None = None,
 ) -> Rollout:
     """Sample ``max_new_tokens`` tokens after left-padded prompts, plain or value-guided.
@@ -104,14 +103,15 @@ def generate(
       value_model: needed when ``guidance`` is set; must share π_ref's vocabulary.
       guidance: None (plain π_ref), ``"qsharp"``/``"cd"`` (categorical head), ``"bernoulli"``.
       eta: KL coefficient η > 0 (paper's convention; the official code's flag is 1/η).
-      top_k: V-type value models score π_ref's top-k tokens; the final policy is also truncated to
-        its top-k. ``None`` = no truncation (and, for V-type, score... every token: use Q-type).
+      top_k: V-type value models score π_ref's top-k tokens, and the final policy is truncated to
+        its top-k (so with V-type guidance it samples among those candidates, whatever
+        ``guided_logits``' ``others`` rule would give the rest). ``None``: no truncation (plain
+        or Q-type only).
       temperature, top_p: applied to the final (guided) policy, as in the paper.
       switch_time: int ``[B]``: sequence b is guided for its first ``switch_time[b]`` generated
         tokens and follows π_ref after (Algorithm 1's roll-in / roll-out). None = always guided.
       eos_id, pad_id: a sequence ends after emitting ``eos_id``; later slots hold ``pad_id``.
       atoms: float ``[K]`` of a categorical head; default ``linspace(0, 1, K)``.
-      others: how unscored tokens are treated by V-type guidance (see ``guided_logits``).
       cache_len: KV-cache slots; default ``P + max_new_tokens``.
     """
     prompt_ids, prompt_mask = jnp.asarray(prompt_ids), jnp.asarray(prompt_mask).astype(bool)
@@ -166,7 +166,7 @@ def generate(
     spec = _Spec(
         max_new_tokens=max_new_tokens, cache_len=cache_len, guidance=guidance,
         q_type=bool(value_model is not None and value_model.head_cfg.q_type), top_k=top_k,
-        temperature=float(temperature), top_p=float(top_p), eos_id=eos_id, pad_id=pad_id, others=others,
+        temperature=float(temperature), top_p=float(top_p), eos_id=eos_id, pad_id=pad_id,
         always_guided=always_guided,
     )
     ref_graph, ref_state = nnx.split(ref_model)
@@ -248,9 +248,9 @@ def _generate(ref_graph, ref_state, value_graph, value_state, prompt_ids, prompt
     def v_type_candidates(ref_logits, value_cache, guide_now):
         """V-type guidance on π_ref's top-k: guided logits there + the candidates' value-model K/V.
 
-        Sampling within these k is exact for both ``others`` modes: every candidate's guided logit
-        is >= any other token's (offsets >= their row minimum, π_ref logits >= the k-th), so the
-        final top-k of the guided policy is this same set.
+        Sampling within these k is exact for both of ``guided_logits``' ``others`` modes: every
+        candidate's guided logit is >= any other token's (offsets >= their row minimum, π_ref
+        logits >= the k-th), so the final top-k of the guided policy is this same set.
         """
         ref_top, cand = jax.lax.top_k(ref_logits, spec.top_k)
 

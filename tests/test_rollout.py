@@ -80,7 +80,7 @@ def test_qsharp_sampling_matches_guided_logits(ref, others):
     ids, _ = prompts(1, seed=3)
     ids, mask = jnp.repeat(ids, n, 0), jnp.ones((n, 5), bool)
     out = generate(ref, ids, mask, key=jax.random.key(2), max_new_tokens=1, value_model=value, guidance="qsharp",
-                   eta=eta, top_k=k, others=others)
+                   eta=eta, top_k=k)
     ref_logits = ref(ids[:1])[0, -1][None]
     cand = jax.lax.top_k(ref_logits, k)[1]
     offsets = guidance.qsharp_logit_offset(jnp.asarray(value_logits, jnp.float32)[cand], jnp.linspace(0, 1, 11), eta)

@@ -120,7 +120,12 @@ def peak_matmul_flops() -> float:
 
 
 def decode_flops(size: Size, batch: int, new: int, guided: bool) -> float:
-    """Matmul FLOPs of prefill + decode, counted from the model shapes."""
+    """Matmul FLOPs of prefill + decode, counted from the model shapes.
+
+    Guided: the value model prefills the prompt and scores k candidates per step; the chosen
+    candidate's keys/values are reused, so no extra one-token value forward is counted (the HF
+    processor does run one, so its GFLOP/s are slightly understated).
+    """
 
     def per_token(shape, ctx, lm_head):
         layers, e, _ = shape
@@ -131,10 +136,10 @@ def decode_flops(size: Size, batch: int, new: int, guided: bool) -> float:
     total = 0.0
     for t in range(PROMPT_LEN + new):
         total += per_token(size.ref, t + 1, lm_head=t >= PROMPT_LEN - 1)
-        if guided:
+        if guided and t < PROMPT_LEN:
             total += per_token(size.value, t + 1, lm_head=False)
-            if t >= PROMPT_LEN - 1:
-                total += TOP_K * per_token(size.value, t + 1, lm_head=False)
+        if guided and t >= PROMPT_LEN - 1:
+            total += TOP_K * per_token(size.value, t + 2, lm_head=False)
     return batch * total
 
 
