@@ -1,0 +1,221 @@
+"""Fitting value models: optimizer, train state and a jitted (optionally sharded) train step.
+
+Everything here is pure: ``train_step(state, batch) -> (state, metrics)`` with the state donated.
+Parameters are a plain nested dict of arrays (``nnx.to_pure_dict``), so the optimizer state and
+every sharding are ordinary pytrees; ``model_of(state)`` rebuilds the NNX module when needed.
+
+A value-training batch is a dict of arrays (all ``[N, T]`` unless noted):
+
+* ``tokens`` int32, prompt + response, left padded; ``attention_mask`` bool;
+* ``loss_mask`` bool: the prefixes whose value is fitted — those ending at the last roll-in token
+  or later, whose continuation was sampled from π_ref (Algorithm 1);
+* ``rewards`` float32 ``[N]``: the return of each sequence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Literal
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from qsharp_jax import losses
+from qsharp_jax import sharding as sharding_lib
+from qsharp_jax.models.value import ValueModel
+
+LossKind = Literal["categorical", "bernoulli", "mse"]
+Batch = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW with linear warmup, then cosine / linear decay or a constant rate, and norm clipping.
+
+    Defaults follow the paper's LLM value models: lr 2e-5, weight decay 0.01.
+    """
+
+    learning_rate: float = 2e-5
+    weight_decay: float = 0.01
+    warmup_steps: int = 0
+    decay_steps: int = 0  # after warmup; 0 = constant learning rate
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    end_learning_rate: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    clip_norm: float | None = 1.0
+
+
+def learning_rate_schedule(cfg: OptimizerConfig) -> optax.Schedule:
+    warmup = optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps) if cfg.warmup_steps else None
+    if cfg.schedule == "constant" or cfg.decay_steps == 0:
+        decay = optax.constant_schedule(cfg.learning_rate)
+    elif cfg.schedule == "cosine":
+        alpha = cfg.end_learning_rate / cfg.learning_rate if cfg.learning_rate else 0.0
+        decay = optax.cosine_decay_schedule(cfg.learning_rate, cfg.decay_steps, alpha=alpha)
+    elif cfg.schedule == "linear":
+        decay = optax.linear_schedule(cfg.learning_rate, cfg.end_learning_rate, cfg.decay_steps)
+    else:
+        raise ValueError(f"schedule must be cosine, linear or constant, got {cfg.schedule!r}")
+    if warmup is None:
+        return decay
+    return optax.join_schedules([warmup, decay], [cfg.warmup_steps])
+
+
+def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
+    adamw = optax.adamw(learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay)
+    return adamw if cfg.clip_norm is None else optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw)
+
+
+@struct.dataclass
+class TrainState:
+    """params: nested dict of arrays; opt_state: the optimizer's; step: int32 []; rng: a PRNG key."""
+
+    params: Any
+    opt_state: Any
+    step: jax.Array
+    rng: jax.Array
+    graphdef: nnx.GraphDef = struct.field(pytree_node=False)
+
+    def model(self) -> ValueModel:
+        """The NNX value model with these parameters."""
+        return nnx.merge(self.graphdef, self.params)
+
+
+def init_state(model: ValueModel, optimizer: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+    graphdef, state = nnx.split(model)
+    params = nnx.to_pure_dict(state)
+    return TrainState(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32), rng=rng,
+                      graphdef=graphdef)
+
+
+def value_loss(
+    model: ValueModel, batch: Batch, *, kind: LossKind = "categorical", atoms: jax.Array | None = None
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Monte-Carlo value loss of a V- or Q-type value model on a batch (see module docstring).
+
+    V-type: the output at position t is the value of the prefix ending at t. Q-type: the output at
+    t for token a is the value of that prefix extended by a, so the prefix ending at t is read at
+    position t - 1, token ``tokens[t]``.
+    """
+    tokens, attention = batch["tokens"], batch["attention_mask"]
+    chex.assert_rank(tokens, 2, custom_message="batch['tokens'] must be [N, T]")
+    chex.assert_equal_shape([tokens, attention, batch["loss_mask"]],
+                            custom_message="tokens, attention_mask and loss_mask must share [N, T]")
+    chex.assert_shape(batch["rewards"], tokens.shape[:1], custom_message="batch['rewards'] must be [N]")
+    head = model.head_cfg
+    needs = {"categorical": "categorical", "bernoulli": "bernoulli", "mse": "scalar"}
+    if kind not in needs:
+        raise ValueError(f"loss kind must be categorical, bernoulli or mse, got {kind!r}")
+    if needs[kind] != head.kind:
+        raise ValueError(f"loss {kind!r} does not fit a {head.kind!r} value head (it needs {needs[kind]!r})")
+    out = model(tokens, attention)  # [N, T, (V,) (K)]
+    mask = batch["loss_mask"] & attention
+    if head.q_type:
+        nxt = tokens[:, 1:]
+        index = nxt[:, :, None, None] if out.ndim == 4 else nxt[:, :, None]
+        out = jnp.take_along_axis(out[:, :-1], index, axis=2)[:, :, 0]
+        mask = mask[:, 1:]
+    returns = jnp.broadcast_to(batch["rewards"][:, None], mask.shape).astype(jnp.float32)
+    if kind == "categorical":
+        atoms = jnp.linspace(0.0, 1.0, head.num_atoms) if atoms is None else atoms
+        loss = losses.categorical_return_loss(out, returns, atoms, mask)
+        mean = jax.nn.softmax(out) @ atoms
+    elif kind == "bernoulli":
+        loss = losses.bernoulli_return_loss(out, returns, mask)
+        mean = jax.nn.sigmoid(out)
+    else:
+        loss = losses.mse_return_loss(out, returns, mask)
+        mean = out
+    # how well the predicted mean return explains the observed returns, over fitted positions
+    fitted = mask.astype(jnp.float32)
+    count = jnp.maximum(fitted.sum(), 1.0)
+    mean_return = (returns * fitted).sum() / count
+    residual = ((mean - returns) ** 2 * fitted).sum() / count
+    variance = ((returns - mean_return) ** 2 * fitted).sum() / count
+    explained = jnp.where(variance > 0, 1.0 - residual / jnp.where(variance > 0, variance, 1.0), 0.0)
+    return loss, {"explained_variance": explained, "fitted_tokens": fitted.sum()}
+
+
+def _opt_state_shardings(opt_state: Any, params: Any, param_shardings: Any, mesh: Mesh) -> Any:
+    """Shard optimizer slots like the parameters they mirror (matched by path suffix and shape)."""
+    by_path = {
+        tuple(path): (leaf.shape, shard)
+        for (path, leaf), shard in zip(
+            jax.tree_util.tree_flatten_with_path(params)[0], jax.tree_util.tree_leaves(param_shardings)
+        )
+    }
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def pick(path, leaf):
+        path = tuple(path)
+        for start in range(len(path)):
+            hit = by_path.get(path[start:])
+            if hit is not None and hit[0] == leaf.shape:
+                return hit[1]
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(pick, opt_state)
+
+
+def state_shardings(state: TrainState, mesh: Mesh) -> TrainState:
+    """Shardings of a train state on ``mesh``: parameters by their logical axes, optimizer slots
+    like their parameters, scalars replicated."""
+    abstract = nnx.split(nnx.eval_shape(lambda: nnx.merge(state.graphdef, state.params)))[1]
+    param_shardings = nnx.to_pure_dict(
+        jax.tree.map(
+            lambda v, s: v.replace(s),
+            abstract,
+            sharding_lib.state_shardings(abstract, mesh),
+            is_leaf=lambda x: isinstance(x, nnx.Variable),
+        )
+    )
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return state.replace(
+        params=param_shardings,
+        opt_state=_opt_state_shardings(state.opt_state, state.params, param_shardings, mesh),
+        step=replicated,
+        rng=replicated,
+    )
+
+
+def make_train_step(
+    loss_fn: Callable[[ValueModel, Batch], tuple[jax.Array, dict[str, jax.Array]]],
+    optimizer: optax.GradientTransformation,
+    mesh: Mesh | None = None,
+    state: TrainState | None = None,
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+    """``train_step(state, batch) -> (state, metrics)``, jitted with the state donated.
+
+    With a ``mesh`` (and a ``state`` to read shapes from), parameters and optimizer slots keep
+    their logical-axis shardings and the batch is split over ``data``/``fsdp``; the result equals
+    the single-device step up to float reassociation.
+    """
+
+    def step(state: TrainState, batch: Batch):
+        def objective(params):
+            return loss_fn(nnx.merge(state.graphdef, params), batch)
+
+        (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
+        return state.replace(params=params, opt_state=opt_state, step=state.step + 1), metrics
+
+    if mesh is None:
+        return jax.jit(step, donate_argnums=0)
+    if state is None:
+        raise ValueError("make_train_step(mesh=...) needs `state` to derive the shardings")
+    shardings = state_shardings(state, mesh)
+    batch_sharding = lambda: {  # noqa: E731
+        key: sharding_lib.batch_sharding(mesh, 2 if key != "rewards" else 1)
+        for key in ("tokens", "attention_mask", "loss_mask", "rewards")
+    }
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.jit(
+        step, in_shardings=(shardings, batch_sharding()), out_shardings=(shardings, replicated), donate_argnums=0
+    )
