@@ -1,0 +1,1 @@
+"""Datasets and on-disk storage."""

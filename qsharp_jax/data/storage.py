@@ -1,0 +1,120 @@
+"""Append-only on-disk store for Algorithm 1's aggregated data.
+
+Each iteration's data is one ``.npz`` shard; ``manifest.json`` lists the complete shards. Both are
+written to a temporary file, flushed to disk and renamed into place, and the manifest is updated
+only after its shard is durable — so after a crash (even ``kill -9`` or a full disk) an iteration
+is either wholly present or absent, and nothing recorded before is touched. Shards that the
+manifest does not list are leftovers of an interrupted write and are ignored (and overwritten on
+the retry).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+MANIFEST = "manifest.json"
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through ``write(file)`` to a temp file beside ``path``, fsync, then rename over it."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class RolloutStore:
+    """Shards of equal-keyed arrays, one per iteration, concatenated on load along axis 0."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def _manifest(self) -> dict:
+        file = self.path / MANIFEST
+        if not file.exists():
+            return {"shards": []}
+        return json.loads(file.read_text())
+
+    def iterations(self) -> list[int]:
+        """Iterations whose data is complete, in order."""
+        return [s["iteration"] for s in self._manifest()["shards"]]
+
+    def __len__(self) -> int:
+        return sum(s["examples"] for s in self._manifest()["shards"])
+
+    def append(self, iteration: int, arrays: Mapping[str, np.ndarray]) -> None:
+        """Record one iteration's data (all arrays share their leading length)."""
+        manifest = self._manifest()
+        done = [s["iteration"] for s in manifest["shards"]]
+        if iteration in done:
+            raise ValueError(f"iteration {iteration} is already stored in {self.path}; data is append-only")
+        if done and iteration < max(done):
+            raise ValueError(f"iteration {iteration} comes after stored iteration {max(done)}")
+        lengths = {k: np.shape(v)[0] if np.ndim(v) else None for k, v in arrays.items()}
+        if not arrays or None in lengths.values() or len(set(lengths.values())) != 1:
+            raise ValueError(f"arrays must share a leading (example) axis; got leading sizes {lengths}")
+        if manifest["shards"]:
+            keys = set(manifest["shards"][0]["keys"])
+            if set(arrays) != keys:
+                raise ValueError(f"iteration {iteration} has keys {sorted(arrays)}, the store has {sorted(keys)}")
+        shard = self.path / f"iteration-{iteration:05d}.npz"
+        _atomic_write(shard, lambda f: np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()}))
+        manifest["shards"].append({
+            "iteration": iteration, "file": shard.name, "examples": int(next(iter(lengths.values()))),
+            "keys": sorted(arrays), "sha256": _sha256(shard),
+        })
+        _atomic_write(self.path / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+
+    def load(self, upto: int | None = None) -> dict[str, np.ndarray]:
+        """All complete iterations (``<= upto`` if given), concatenated; checksums verified.
+
+        Arrays of different trailing length (e.g. longer responses in a later iteration) are
+        right-padded with zeros to the longest.
+        """
+        shards = [s for s in self._manifest()["shards"] if upto is None or s["iteration"] <= upto]
+        if not shards:
+            return {}
+        parts: dict[str, list[np.ndarray]] = {}
+        for s in shards:
+            file = self.path / s["file"]
+            if not file.exists() or _sha256(file) != s["sha256"]:
+                raise ValueError(f"{file} is missing or corrupt (checksum mismatch); the store cannot be trusted")
+            with np.load(file) as data:
+                for key in s["keys"]:
+                    parts.setdefault(key, []).append(data[key])
+        return {key: _concatenate(arrays) for key, arrays in parts.items()}
+
+
+def _concatenate(arrays: list[np.ndarray]) -> np.ndarray:
+    if arrays[0].ndim < 2:
+        return np.concatenate(arrays)
+    width = max(a.shape[1] for a in arrays)
+    padded = [np.pad(a, [(0, 0), (0, width - a.shape[1])] + [(0, 0)] * (a.ndim - 2)) for a in arrays]
+    return np.concatenate(padded)
