@@ -1,0 +1,81 @@
+"""Checkpoints: exact round trip, retention, config mismatch, corrupt newest, sharded restore."""
+
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from qsharp_jax import sharding
+from qsharp_jax.checkpoint import Checkpoints
+from qsharp_jax.models.transformer import TransformerConfig
+from qsharp_jax.models.value import HeadConfig, ValueModel
+from qsharp_jax.train import OptimizerConfig, init_state, make_optimizer, make_train_step, state_shardings, value_loss
+from test_train import toy_batch
+
+CFG = TransformerConfig(vocab_size=10, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=2, head_dim=8,
+                        mlp_dim=16, max_positions=16)
+
+
+def trained_state(steps, seed=0):
+    optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-2))
+    state = init_state(ValueModel(CFG, HeadConfig(), rngs=nnx.Rngs(seed)), optimizer, jax.random.key(seed))
+    step = make_train_step(lambda m, b: value_loss(m, b), optimizer)
+    for _ in range(steps):
+        state, _ = step(state, toy_batch())
+    return state, optimizer
+
+
+def assert_states_equal(a, b):
+    for x, y in zip(jax.tree.leaves(a.params) + jax.tree.leaves(a.opt_state),
+                    jax.tree.leaves(b.params) + jax.tree.leaves(b.opt_state)):
+        np.testing.assert_array_equal(x, y)
+    assert int(a.step) == int(b.step)
+    np.testing.assert_array_equal(jax.random.key_data(a.rng), jax.random.key_data(b.rng))
+
+
+def test_round_trip_and_retention(tmp_path):
+    ckpt = Checkpoints(tmp_path, keep=2)
+    template, _ = trained_state(0)
+    assert ckpt.restore(template) is None
+    for iteration in range(3):
+        state, _ = trained_state(iteration + 1)
+        ckpt.save(iteration, state, {"iteration": iteration, "config": {"eta": 0.1}})
+    assert ckpt.steps() == [1, 2]
+    restored, meta = Checkpoints(tmp_path).restore(template, {"eta": 0.1})
+    assert meta["iteration"] == 2
+    assert_states_equal(restored, state)
+
+
+def test_config_mismatch_names_the_fields(tmp_path):
+    ckpt = Checkpoints(tmp_path)
+    state, _ = trained_state(1)
+    ckpt.save(0, state, {"config": {"eta": 0.1, "top_k": 10}})
+    with pytest.raises(ValueError, match=r"fields that differ: eta \(saved 0.1, now 0.5\)"):
+        ckpt.restore(state, {"eta": 0.5, "top_k": 10})
+
+
+def test_corrupt_newest_falls_back(tmp_path):
+    ckpt = Checkpoints(tmp_path, keep=3)
+    first, _ = trained_state(1)
+    second, _ = trained_state(2)
+    ckpt.save(0, first, {"iteration": 0})
+    ckpt.save(1, second, {"iteration": 1})
+    shutil.rmtree(tmp_path / "1" / "state")  # the newest lost its arrays
+    with pytest.warns(UserWarning, match="checkpoint 1 .* cannot be read"):
+        restored, meta = ckpt.restore(first)
+    assert meta["iteration"] == 0
+    assert_states_equal(restored, first)
+
+
+def test_restore_onto_a_mesh(tmp_path):
+    state, _ = trained_state(2)
+    Checkpoints(tmp_path).save(0, state, {})
+    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+    template, _ = trained_state(0)
+    template = jax.device_put(template, state_shardings(template, mesh))
+    restored, _ = Checkpoints(tmp_path).restore(template)
+    q = restored.params["backbone"]["layers"][0]["q"]
+    assert q.sharding.spec == jax.sharding.PartitionSpec("tensor", None, "fsdp")
+    assert_states_equal(restored, state)
