@@ -22,7 +22,7 @@ import numpy as np
 MANIFEST = "manifest.json"
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     """Write through ``write(file)`` to a temp file beside ``path``, fsync, then rename over it."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -85,12 +85,12 @@ class RolloutStore:
             if set(arrays) != keys:
                 raise ValueError(f"iteration {iteration} has keys {sorted(arrays)}, the store has {sorted(keys)}")
         shard = self.path / f"iteration-{iteration:05d}.npz"
-        _atomic_write(shard, lambda f: np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()}))
+        atomic_write(shard, lambda f: np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()}))
         manifest["shards"].append({
             "iteration": iteration, "file": shard.name, "examples": int(next(iter(lengths.values()))),
             "keys": sorted(arrays), "sha256": _sha256(shard),
         })
-        _atomic_write(self.path / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+        atomic_write(self.path / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
 
     def load(self, upto: int | None = None) -> dict[str, np.ndarray]:
         """All complete iterations (``<= upto`` if given), concatenated; checksums verified.

@@ -1,0 +1,183 @@
+"""Algorithm 1 of Q♯ as one resumable driver: collect → aggregate → fit → evaluate → checkpoint.
+
+Iteration i: sample prompts, draw a switch time h per sample uniformly over the response, roll in
+with the current guided policy for h tokens (iteration 0: π_ref throughout) and roll out with
+π_ref, label with the task's reward, append to the on-disk aggregate, fit the value model on all
+data so far, evaluate the guided policy and π_ref, and checkpoint.
+
+Everything an iteration draws is keyed by (seed, iteration), so a run that is killed at any point
+and restarted with the same command continues from its last complete step and ends exactly where
+an uninterrupted run would: data already on disk is reused, the train state comes from the
+newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+from pathlib import Path
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from qsharp_jax import rollout
+from qsharp_jax.checkpoint import Checkpoints
+from qsharp_jax.data.storage import RolloutStore, atomic_write
+from qsharp_jax.models.transformer import Transformer
+from qsharp_jax.models.value import ValueModel
+from qsharp_jax.train import OptimizerConfig, TrainState, init_state, make_optimizer, make_train_step, value_loss
+
+
+class Task(Protocol):
+    """What Algorithm 1 needs from a task. Prompts are left padded to one fixed length."""
+
+    eos_id: int | None
+    pad_id: int
+
+    def sample_prompts(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """``n`` training prompts: ids int32 ``[n, P]`` and mask bool ``[n, P]``."""
+
+    def eval_prompts(self) -> tuple[np.ndarray, np.ndarray]:
+        """The fixed evaluation prompts."""
+
+    def reward(self, prompts: np.ndarray, completions: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """float ``[n]`` in [0, 1] for completions ``[n, N]`` (mask False after EOS)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class AlgorithmConfig:
+    iterations: int = 3
+    prompts_per_iteration: int = 64
+    samples_per_prompt: int = 4
+    max_new_tokens: int = 16
+    eta: float = 0.1
+    top_k: int = 10
+    temperature: float = 1.0
+    guidance: str = "qsharp"  # qsharp | cd | bernoulli
+    loss: str = "categorical"  # categorical | bernoulli | mse
+    epochs: int = 2
+    batch_size: int = 32
+    warm_start: bool = True  # keep fitting one value model (False: re-initialize every iteration)
+    drop_no_variation: bool = False  # drop prompts whose samples all got the same reward
+    seed: int = 0
+    keep_checkpoints: int = 2
+    optimizer: OptimizerConfig = OptimizerConfig(learning_rate=1e-3, weight_decay=0.0)
+
+
+def _records(prompts, prompt_mask, out: rollout.Rollout, switch: np.ndarray, rewards, group) -> dict[str, np.ndarray]:
+    """Value-training records: fit the prefixes ending at the last roll-in token or later."""
+    tokens = np.concatenate([prompts, np.asarray(out.tokens)], axis=1)
+    attention = np.concatenate([prompt_mask, np.asarray(out.mask)], axis=1)
+    p = prompts.shape[1]
+    position = np.arange(tokens.shape[1])[None, :]
+    loss_mask = (position >= p - 1 + switch[:, None]) & attention
+    return {"tokens": tokens.astype(np.int32), "attention_mask": attention, "loss_mask": loss_mask,
+            "rewards": rewards.astype(np.float32), "group": group.astype(np.int64)}
+
+
+def _check_rewards(rewards: Any, n: int) -> np.ndarray:
+    rewards = np.asarray(rewards, np.float64)
+    if rewards.shape != (n,):
+        raise ValueError(f"reward_fn returned shape {rewards.shape}, expected ({n},)")
+    if not np.all(np.isfinite(rewards)):
+        raise ValueError(f"reward_fn returned non-finite rewards: {rewards[~np.isfinite(rewards)][:5]}")
+    if rewards.min() < 0 or rewards.max() > 1:
+        raise ValueError(f"rewards must lie in [0, 1] (the atom range); got {rewards.min()} .. {rewards.max()}")
+    return rewards
+
+
+def run(
+    cfg: AlgorithmConfig, task: Task, ref: Transformer, value: ValueModel, run_dir: str | Path, *,
+    progress: bool = True,
+) -> list[dict[str, float]]:
+    """Run (or resume) Algorithm 1 in ``run_dir``; returns the metrics of every iteration."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    store = RolloutStore(run_dir / "data")
+    checkpoints = Checkpoints(run_dir / "checkpoints", keep=cfg.keep_checkpoints)
+    optimizer = make_optimizer(cfg.optimizer)
+    fresh = init_state(value, optimizer, jax.random.key(cfg.seed))
+    train_step = make_train_step(lambda m, b: value_loss(m, b, kind=cfg.loss), optimizer)
+
+    restored = checkpoints.restore(fresh, config)
+    state, history = (restored[0], restored[1]["history"]) if restored else (fresh, [])
+    start = len(history)
+    for iteration in tqdm(range(start, cfg.iterations), desc="Q♯ iterations", disable=not progress, initial=start,
+                          total=cfg.iterations):
+        if iteration not in store.iterations():
+            store.append(iteration, _collect(cfg, task, ref, state, iteration))
+        if not cfg.warm_start:  # a copy: the train step donates (consumes) its input state
+            state = jax.tree.map(jnp.copy, fresh)
+        state = _fit(cfg, state, train_step, store.load(), iteration, progress)
+        metrics = {"iteration": iteration, **_evaluate(cfg, task, ref, state, iteration)}
+        history.append(metrics)
+        checkpoints.save(iteration, state, {"iteration": iteration, "config": config, "history": history})
+        atomic_write(run_dir / "metrics.jsonl", lambda f: f.write("".join(json.dumps(m) + "\n" for m in history).encode()))
+    return history
+
+
+def _collect(cfg: AlgorithmConfig, task: Task, ref: Transformer, state: TrainState, iteration: int):
+    rng = np.random.default_rng([cfg.seed, iteration, 0])
+    prompts, mask = task.sample_prompts(rng, cfg.prompts_per_iteration)
+    group = iteration * cfg.prompts_per_iteration + np.arange(len(prompts))
+    prompts, mask, group = (np.repeat(x, cfg.samples_per_prompt, axis=0) for x in (prompts, mask, group))
+    switch = rng.integers(0, cfg.max_new_tokens, size=len(prompts))  # uniform over the response
+    guided = {} if iteration == 0 else dict(value_model=state.model(), guidance=cfg.guidance, eta=cfg.eta)
+    out = rollout.generate(
+        ref, prompts, mask, key=jax.random.fold_in(jax.random.key(cfg.seed), iteration), max_new_tokens=cfg.max_new_tokens,
+        top_k=cfg.top_k, temperature=cfg.temperature, switch_time=jnp.asarray(switch), eos_id=task.eos_id,
+        pad_id=task.pad_id, **guided,
+    )
+    rewards = _check_rewards(task.reward(prompts, np.asarray(out.tokens), np.asarray(out.mask)), len(prompts))
+    return _records(prompts, mask, out, switch, rewards, group)
+
+
+def _fit(cfg, state: TrainState, train_step, data: dict[str, np.ndarray], iteration: int, progress: bool):
+    if cfg.drop_no_variation:
+        groups, inverse = np.unique(data["group"], return_inverse=True)
+        lo = np.full(len(groups), np.inf)
+        hi = np.full(len(groups), -np.inf)
+        np.minimum.at(lo, inverse, data["rewards"])
+        np.maximum.at(hi, inverse, data["rewards"])
+        keep = (hi > lo)[inverse]
+        data = {k: v[keep] for k, v in data.items()}
+    n = len(data["rewards"])
+    if n == 0 or np.all(data["rewards"] == data["rewards"][0]):
+        warnings.warn(f"iteration {iteration}: all {n} rewards are identical; nothing to learn, value model kept",
+                      stacklevel=2)
+        return state
+    rng = np.random.default_rng([cfg.seed, iteration, 1])
+    batches = -(-n // cfg.batch_size)
+    keys = ("tokens", "attention_mask", "loss_mask", "rewards")
+    bar = tqdm(total=cfg.epochs * batches, desc=f"fit {iteration}", disable=not progress, leave=False)
+    for _ in range(cfg.epochs):
+        order = rng.permutation(n)
+        order = np.concatenate([order, np.full(batches * cfg.batch_size - n, -1)])  # pad: static shapes
+        for b in range(batches):
+            index = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+            batch = {k: data[k][np.maximum(index, 0)] for k in keys}
+            batch["loss_mask"] = batch["loss_mask"] & (index >= 0)[:, None]  # padding rows fit nothing
+            state, metrics = train_step(state, {k: jnp.asarray(v) for k, v in batch.items()})
+            bar.update()
+            bar.set_postfix(loss=f"{float(metrics['loss']):.4f}")
+    bar.close()
+    return state
+
+
+def _evaluate(cfg: AlgorithmConfig, task: Task, ref: Transformer, state: TrainState, iteration: int) -> dict[str, float]:
+    prompts, mask = task.eval_prompts()
+    key = jax.random.fold_in(jax.random.key(cfg.seed + 1), iteration)
+    common = dict(key=key, max_new_tokens=cfg.max_new_tokens, top_k=cfg.top_k, temperature=cfg.temperature,
+                  eos_id=task.eos_id, pad_id=task.pad_id)
+    results = {}
+    for name, extra in (("ref", {}), ("guided", dict(value_model=state.model(), guidance=cfg.guidance, eta=cfg.eta))):
+        out = rollout.generate(ref, prompts, mask, **common, **extra)
+        rewards = _check_rewards(task.reward(prompts, np.asarray(out.tokens), np.asarray(out.mask)), len(prompts))
+        results[f"{name}_reward"] = float(rewards.mean())
+        results[f"{name}_kl"] = float(np.asarray(out.kl).mean())
+    return results
