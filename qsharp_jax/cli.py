@@ -26,6 +26,27 @@ def _tabular(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from qsharp_jax import plotting, qsharp
+
+    cfg = config.load(qsharp.TrainConfig, args.config, args.overrides)
+    history = qsharp.train(cfg)
+    print(f"{'iteration':>9} {'examples':>8} {'fit loss':>9} {'guided reward':>13} {'π_ref reward':>12} {'KL':>7}")
+    for h in history:
+        print(f"{h['iteration']:>9} {h['examples']:>8} {h['fit_loss']:>9.4f} {h['guided_reward']:>13.3f} "
+              f"{h['ref_reward']:>12.3f} {h['guided_kl']:>7.3f}")
+    print(f"run directory: {cfg.run_dir} (metrics.jsonl, tensorboard/, checkpoints/, data/)")
+    print(f"plot: {plotting.plot_run(cfg.run_dir)}")
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from qsharp_jax import plotting
+
+    print(plotting.plot_run(args.run_dir, args.out))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="qsharp", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -33,10 +54,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     tab.add_argument("--config", help="YAML file with TabularConfig fields")
     tab.add_argument("overrides", nargs="*", help="key=value overrides, e.g. etas=[0.1] depths=[3]")
     tab.set_defaults(func=_tabular)
+    train = sub.add_parser("train", help="run or resume Algorithm 1 (collect, fit, evaluate, checkpoint)")
+    train.add_argument("config", nargs="?", help="YAML file with TrainConfig fields")
+    train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. algorithm.eta=0.05 run_dir=runs/x")
+    train.set_defaults(func=_train)
+    plot = sub.add_parser("plot", help="draw a run's learning curves to PNG")
+    plot.add_argument("run_dir")
+    plot.add_argument("--out", help="PNG path (default: RUN_DIR/learning_curves.png)")
+    plot.set_defaults(func=_plot)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:
         parser.exit(2, f"qsharp {args.command}: error: {e}\n")
 
 

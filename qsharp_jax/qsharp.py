@@ -1,5 +1,8 @@
 """Algorithm 1 of Q♯ as one resumable driver: collect → aggregate → fit → evaluate → checkpoint.
 
+Metrics go to ``run_dir/metrics.jsonl`` (one line per iteration) and TensorBoard
+(``run_dir/tensorboard``); ``qsharp plot RUN_DIR`` draws them.
+
 Iteration i: sample prompts, draw a switch time h per sample uniformly over the response, roll in
 with the current guided policy for h tokens (iteration 0: π_ref throughout) and roll out with
 π_ref, label with the task's reward, append to the on-disk aggregate, fit the value model on all
@@ -22,13 +25,15 @@ from typing import Any, Protocol
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from qsharp_jax import rollout
 from qsharp_jax.checkpoint import Checkpoints
 from qsharp_jax.data.storage import RolloutStore, atomic_write
+from qsharp_jax.models.build import ModelSpec, build_reference, build_value
 from qsharp_jax.models.transformer import Transformer
-from qsharp_jax.models.value import ValueModel
+from qsharp_jax.models.value import HeadConfig, ValueModel
 from qsharp_jax.train import OptimizerConfig, TrainState, init_state, make_optimizer, make_train_step, value_loss
 
 
@@ -113,9 +118,13 @@ def run(
             store.append(iteration, _collect(cfg, task, ref, state, iteration))
         if not cfg.warm_start:  # a copy: the train step donates (consumes) its input state
             state = jax.tree.map(jnp.copy, fresh)
-        state = _fit(cfg, state, train_step, store.load(), iteration, progress)
-        metrics = {"iteration": iteration, **_evaluate(cfg, task, ref, state, iteration)}
+        state, fit = _fit(cfg, state, train_step, store.load(), iteration, progress)
+        metrics = {"iteration": iteration, "examples": len(store), **fit, **_evaluate(cfg, task, ref, state, iteration)}
         history.append(metrics)
+        with SummaryWriter(str(run_dir / "tensorboard")) as writer:
+            for name, value_ in metrics.items():
+                if name != "iteration":
+                    writer.add_scalar(name, value_, iteration)
         checkpoints.save(iteration, state, {"iteration": iteration, "config": config, "history": history})
         atomic_write(run_dir / "metrics.jsonl", lambda f: f.write("".join(json.dumps(m) + "\n" for m in history).encode()))
     return history
@@ -150,12 +159,13 @@ def _fit(cfg, state: TrainState, train_step, data: dict[str, np.ndarray], iterat
     if n == 0 or np.all(data["rewards"] == data["rewards"][0]):
         warnings.warn(f"iteration {iteration}: all {n} rewards are identical; nothing to learn, value model kept",
                       stacklevel=2)
-        return state
+        return state, {"fit_loss": float("nan"), "fit_explained_variance": float("nan")}
     rng = np.random.default_rng([cfg.seed, iteration, 1])
     batches = -(-n // cfg.batch_size)
     keys = ("tokens", "attention_mask", "loss_mask", "rewards")
     bar = tqdm(total=cfg.epochs * batches, desc=f"fit {iteration}", disable=not progress, leave=False)
     for _ in range(cfg.epochs):
+        epoch = []
         order = rng.permutation(n)
         order = np.concatenate([order, np.full(batches * cfg.batch_size - n, -1)])  # pad: static shapes
         for b in range(batches):
@@ -163,10 +173,13 @@ def _fit(cfg, state: TrainState, train_step, data: dict[str, np.ndarray], iterat
             batch = {k: data[k][np.maximum(index, 0)] for k in keys}
             batch["loss_mask"] = batch["loss_mask"] & (index >= 0)[:, None]  # padding rows fit nothing
             state, metrics = train_step(state, {k: jnp.asarray(v) for k, v in batch.items()})
+            epoch.append(metrics)
             bar.update()
             bar.set_postfix(loss=f"{float(metrics['loss']):.4f}")
     bar.close()
-    return state
+    # last epoch's means (weighted by batches: padding rows only shrink the last one)
+    return state, {"fit_loss": float(np.mean([m["loss"] for m in epoch])),
+                   "fit_explained_variance": float(np.mean([m["explained_variance"] for m in epoch]))}
 
 
 def _evaluate(cfg: AlgorithmConfig, task: Task, ref: Transformer, state: TrainState, iteration: int) -> dict[str, float]:
@@ -181,3 +194,29 @@ def _evaluate(cfg: AlgorithmConfig, task: Task, ref: Transformer, state: TrainSt
         results[f"{name}_reward"] = float(rewards.mean())
         results[f"{name}_kl"] = float(np.asarray(out.kl).mean())
     return results
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything ``qsharp train`` needs: task, models, Algorithm 1 settings, run directory."""
+
+    run_dir: str = "runs/planted_token"
+    task: str = "planted_token"
+    reference: ModelSpec = ModelSpec(seed=0)
+    value: ModelSpec = ModelSpec(seed=1)
+    head: HeadConfig = HeadConfig()
+    algorithm: AlgorithmConfig = AlgorithmConfig()
+
+
+def train(cfg: TrainConfig, *, progress: bool = True) -> list[dict[str, float]]:
+    """Build the task and models of ``cfg`` and run (or resume) Algorithm 1."""
+    from qsharp_jax.tasks import TASKS
+
+    if cfg.task not in TASKS:
+        raise ValueError(f"unknown task {cfg.task!r}; available: {sorted(TASKS)}")
+    task = TASKS[cfg.task]()
+    ref = build_reference(cfg.reference)
+    value = build_value(cfg.value, cfg.head)
+    if getattr(task, "vocab_size", ref.cfg.vocab_size) != ref.cfg.vocab_size:
+        raise ValueError(f"task {cfg.task!r} uses {task.vocab_size} tokens, the reference model has {ref.cfg.vocab_size}")
+    return run(cfg.algorithm, task, ref, value, cfg.run_dir, progress=progress)

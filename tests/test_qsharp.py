@@ -15,28 +15,14 @@ from flax import nnx
 from qsharp_jax.models.transformer import Transformer, TransformerConfig
 from qsharp_jax.models.value import HeadConfig, ValueModel
 from qsharp_jax.qsharp import AlgorithmConfig, run
+from qsharp_jax.tasks import PlantedTokenTask
 from qsharp_jax.train import OptimizerConfig
 
 V = 8
 
 
-class ToyTask:
-    """Prompt (BOS=0, x in 1..3); reward 1 iff the first response token is x + 4. π_ref, a random
-    tiny model, rarely does that; Q♯ must learn it from π_ref's own rollouts."""
-
-    eos_id = None
-    pad_id = 0
-
-    def sample_prompts(self, rng, n):
-        x = rng.integers(1, 4, size=n)
-        return np.stack([np.zeros(n, int), x], 1).astype(np.int32), np.ones((n, 2), bool)
-
-    def eval_prompts(self):
-        x = np.tile(np.arange(1, 4), 32)
-        return np.stack([np.zeros_like(x), x], 1).astype(np.int32), np.ones((len(x), 2), bool)
-
-    def reward(self, prompts, completions, mask):
-        return (completions[:, 0] == prompts[:, 1] + 4).astype(np.float32)
+class ToyTask(PlantedTokenTask):
+    """Prompt (BOS=0, x in 1..3); reward 1 iff the first response token is x + 4."""
 
 
 def build(seed=0):
@@ -107,3 +93,20 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path):
     subprocess.run([sys.executable, "-c", script], env=env, check=True)
     resumed = [json.loads(line) for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
     assert resumed == expected
+
+
+def test_identical_rewards_warn_and_keep_the_value_model(tmp_path):
+    algo, task, ref, value = build()
+
+    class Hopeless(ToyTask):
+        def reward(self, prompts, completions, mask):
+            return np.zeros(len(prompts), np.float32)
+
+    import dataclasses
+
+    algo = dataclasses.replace(algo, iterations=1)
+    with pytest.warns(UserWarning, match="all 192 rewards are identical"):
+        history = run(algo, Hopeless(), ref, value, tmp_path, progress=False)
+    assert np.isnan(history[0]["fit_loss"]) and history[0]["guided_reward"] == 0.0
+    with pytest.raises(ValueError, match="at least one prompt"):
+        run(dataclasses.replace(algo, prompts_per_iteration=0), task, ref, value, tmp_path / "empty", progress=False)

@@ -1,0 +1,46 @@
+"""Models from configs: a local Hugging Face directory, or a fresh Llama-style model."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+from flax import nnx
+
+from qsharp_jax.models.hf import from_hf
+from qsharp_jax.models.transformer import Transformer, TransformerConfig
+from qsharp_jax.models.value import HeadConfig, ValueModel, value_from_hf, value_from_scratch
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """``hf_path`` set: load that local Hugging Face directory (sizes below are ignored).
+    Otherwise a randomly initialized Llama-style decoder of these sizes."""
+
+    hf_path: str | None = None
+    vocab_size: int = 8
+    hidden_size: int = 16
+    num_layers: int = 1
+    num_heads: int = 2
+    mlp_dim: int = 32
+    max_positions: int = 64
+    seed: int = 0
+
+    def transformer_config(self) -> TransformerConfig:
+        return TransformerConfig(
+            vocab_size=self.vocab_size, hidden_size=self.hidden_size, num_layers=self.num_layers,
+            num_heads=self.num_heads, num_kv_heads=self.num_heads, head_dim=self.hidden_size // self.num_heads,
+            mlp_dim=self.mlp_dim, max_positions=self.max_positions,
+        )
+
+
+def build_reference(spec: ModelSpec, dtype=jnp.float32) -> Transformer:
+    if spec.hf_path:
+        return from_hf(spec.hf_path, dtype=dtype)
+    return Transformer(spec.transformer_config(), dtype=dtype, rngs=nnx.Rngs(spec.seed))
+
+
+def build_value(spec: ModelSpec, head: HeadConfig, dtype=jnp.float32) -> ValueModel:
+    if spec.hf_path:
+        return value_from_hf(spec.hf_path, head, seed=spec.seed, dtype=dtype)
+    return value_from_scratch(spec.transformer_config(), head, seed=spec.seed, dtype=dtype)
