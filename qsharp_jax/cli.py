@@ -40,6 +40,23 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from qsharp_jax import qsharp
+
+    metrics = qsharp.evaluate_run(args.run_dir)
+    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+    return 0
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from qsharp_jax import qsharp
+
+    prompts, tokens, rewards = qsharp.sample_run(args.run_dir, args.num, args.seed)
+    for p, t, r in zip(prompts, tokens, rewards):
+        print(f"prompt {p.tolist()} -> {t.tolist()}  reward {float(r):g}")
+    return 0
+
+
 def _plot(args: argparse.Namespace) -> int:
     from qsharp_jax import plotting
 
@@ -58,6 +75,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     train.add_argument("config", nargs="?", help="YAML file with TrainConfig fields")
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. algorithm.eta=0.05 run_dir=runs/x")
     train.set_defaults(func=_train)
+    ev = sub.add_parser("eval", help="evaluate a run's newest checkpoint (guided and π_ref)")
+    ev.add_argument("run_dir")
+    ev.set_defaults(func=_eval)
+    sample = sub.add_parser("sample", help="print guided samples from a run's newest checkpoint")
+    sample.add_argument("run_dir")
+    sample.add_argument("--num", type=int, default=8)
+    sample.add_argument("--seed", type=int, default=0)
+    sample.set_defaults(func=_sample)
     plot = sub.add_parser("plot", help="draw a run's learning curves to PNG")
     plot.add_argument("run_dir")
     plot.add_argument("--out", help="PNG path (default: RUN_DIR/learning_curves.png)")

@@ -208,8 +208,7 @@ class TrainConfig:
     algorithm: AlgorithmConfig = AlgorithmConfig()
 
 
-def train(cfg: TrainConfig, *, progress: bool = True) -> list[dict[str, float]]:
-    """Build the task and models of ``cfg`` and run (or resume) Algorithm 1."""
+def _build(cfg: TrainConfig) -> tuple[Task, Transformer, ValueModel]:
     from qsharp_jax.tasks import TASKS
 
     if cfg.task not in TASKS:
@@ -219,4 +218,72 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> list[dict[str, float]]:
     value = build_value(cfg.value, cfg.head)
     if getattr(task, "vocab_size", ref.cfg.vocab_size) != ref.cfg.vocab_size:
         raise ValueError(f"task {cfg.task!r} uses {task.vocab_size} tokens, the reference model has {ref.cfg.vocab_size}")
-    return run(cfg.algorithm, task, ref, value, cfg.run_dir, progress=progress)
+    return task, ref, value
+
+
+def train(cfg: TrainConfig, *, progress: bool = True) -> list[dict[str, float]]:
+    """Build the task and models of ``cfg`` and run (or resume) Algorithm 1 in ``cfg.run_dir``.
+
+    The full config is kept as ``run_dir/config.json``; resuming with a different one is refused
+    with the fields that differ.
+    """
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    saved_file, config = run_dir / "config.json", json.loads(json.dumps(dataclasses.asdict(cfg)))
+    if saved_file.exists():
+        saved = json.loads(saved_file.read_text())
+        if saved != config:
+            flat_saved, flat_now = _flatten(saved), _flatten(config)
+            differ = sorted(k for k in set(flat_saved) | set(flat_now) if flat_saved.get(k) != flat_now.get(k))
+            raise ValueError(f"{run_dir} holds a run with another config; fields that differ: {', '.join(differ)}. "
+                             "Use a new run_dir, or the saved config.")
+    else:
+        atomic_write(saved_file, lambda f: f.write(json.dumps(config, indent=1).encode()))
+    task, ref, value = _build(cfg)
+    return run(cfg.algorithm, task, ref, value, run_dir, progress=progress)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def load_run(run_dir: str | Path) -> tuple[TrainConfig, Task, Transformer, TrainState, int]:
+    """A trained run: its config, task, π_ref, and the newest checkpoint's train state and iteration."""
+    from qsharp_jax import config as config_lib
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").exists():
+        raise FileNotFoundError(f"{run_dir}/config.json not found: is {run_dir} a run directory of `qsharp train`?")
+    cfg = config_lib.load(TrainConfig, run_dir / "config.json")
+    task, ref, value = _build(cfg)
+    template = init_state(value, make_optimizer(cfg.algorithm.optimizer), jax.random.key(cfg.algorithm.seed))
+    restored = Checkpoints(run_dir / "checkpoints").restore(template)
+    if restored is None:
+        raise FileNotFoundError(f"{run_dir}/checkpoints has no checkpoint yet")
+    state, meta = restored
+    return cfg, task, ref, state, meta["iteration"]
+
+
+def evaluate_run(run_dir: str | Path) -> dict[str, float]:
+    """Evaluate the newest checkpoint of a run (guided policy and π_ref: reward and KL)."""
+    cfg, task, ref, state, iteration = load_run(run_dir)
+    return {"iteration": iteration, **_evaluate(cfg.algorithm, task, ref, state, iteration)}
+
+
+def sample_run(run_dir: str | Path, num: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``num`` guided completions of the run's evaluation prompts: (prompts, tokens, rewards)."""
+    cfg, task, ref, state, _ = load_run(run_dir)
+    prompts, mask = task.eval_prompts()
+    prompts, mask = prompts[:num], mask[:num]
+    a = cfg.algorithm
+    out = rollout.generate(ref, prompts, mask, key=jax.random.key(seed), max_new_tokens=a.max_new_tokens, top_k=a.top_k,
+                           temperature=a.temperature, eos_id=task.eos_id, pad_id=task.pad_id,
+                           value_model=state.model(), guidance=a.guidance, eta=a.eta)
+    tokens = np.asarray(out.tokens)
+    return prompts, tokens, task.reward(prompts, tokens, np.asarray(out.mask))

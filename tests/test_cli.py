@@ -1,6 +1,7 @@
 """The `qsharp tabular` demo and the config loader."""
 
 import dataclasses
+import json
 import re
 
 import pytest
@@ -88,6 +89,14 @@ def test_train_and_plot_commands(tmp_path, capsys):
     for name in ("metrics.jsonl", "learning_curves.png", "checkpoints", "data", "tensorboard"):
         assert (run_dir / name).exists(), name
     assert any((run_dir / "tensorboard").iterdir())
+    last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert cli.main(["eval", str(run_dir)]) == 0  # the newest checkpoint reproduces the last metrics
+    assert f"guided_reward={last['guided_reward']:.4g}" in capsys.readouterr().out
+    assert cli.main(["sample", str(run_dir), "--num", "3"]) == 0
+    assert len([line for line in capsys.readouterr().out.splitlines() if line.startswith("prompt")]) == 3
+    with pytest.raises(SystemExit):  # resuming with another config is refused, naming the field
+        cli.main([*args, "algorithm.eta=0.2"])
+    assert "fields that differ: algorithm.eta" in capsys.readouterr().err
     assert cli.main(["plot", str(run_dir), "--out", str(tmp_path / "p.png")]) == 0
     assert (tmp_path / "p.png").stat().st_size > 10_000
     with pytest.raises(SystemExit):

@@ -110,3 +110,19 @@ def test_identical_rewards_warn_and_keep_the_value_model(tmp_path):
     assert np.isnan(history[0]["fit_loss"]) and history[0]["guided_reward"] == 0.0
     with pytest.raises(ValueError, match="at least one prompt"):
         run(dataclasses.replace(algo, prompts_per_iteration=0), task, ref, value, tmp_path / "empty", progress=False)
+
+
+def test_two_iterations_beat_reference_at_lower_kl_than_cd(tmp_path):
+    """Same data pipeline and value model; Q♯ offsets vs CD's mean offsets (paper: CD is
+    suboptimal for the KL-regularized objective). Measured: reward 0.94 at KL 1.75 vs CD 0.95 at 2.43."""
+    import dataclasses
+
+    results = {}
+    for guidance in ("qsharp", "cd"):
+        algo, task, ref, value = build()
+        algo = dataclasses.replace(algo, iterations=2, guidance=guidance)
+        results[guidance] = run(algo, task, ref, value, tmp_path / guidance, progress=False)[-1]
+    q, cd = results["qsharp"], results["cd"]
+    assert q["guided_reward"] > q["ref_reward"] + 0.5
+    assert q["guided_reward"] > cd["guided_reward"] - 0.05
+    assert q["guided_kl"] < cd["guided_kl"] - 0.3
