@@ -102,7 +102,8 @@ def run(
     """Run (or resume) Algorithm 1 in ``run_dir``; returns the metrics of every iteration."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    config = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    # everything but the iteration count must match a run being resumed (extending a run is fine)
+    config = json.loads(json.dumps(dataclasses.asdict(dataclasses.replace(cfg, iterations=0))))
     store = RolloutStore(run_dir / "data")
     checkpoints = Checkpoints(run_dir / "checkpoints", keep=cfg.keep_checkpoints)
     optimizer = make_optimizer(cfg.optimizer)
@@ -231,14 +232,13 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> list[dict[str, float]]:
     run_dir.mkdir(parents=True, exist_ok=True)
     saved_file, config = run_dir / "config.json", json.loads(json.dumps(dataclasses.asdict(cfg)))
     if saved_file.exists():
-        saved = json.loads(saved_file.read_text())
-        if saved != config:
-            flat_saved, flat_now = _flatten(saved), _flatten(config)
-            differ = sorted(k for k in set(flat_saved) | set(flat_now) if flat_saved.get(k) != flat_now.get(k))
+        flat_saved, flat_now = _flatten(json.loads(saved_file.read_text())), _flatten(config)
+        extendable = {"algorithm.iterations"}  # running more iterations of the same run is fine
+        differ = sorted(k for k in (set(flat_saved) | set(flat_now)) - extendable if flat_saved.get(k) != flat_now.get(k))
+        if differ:
             raise ValueError(f"{run_dir} holds a run with another config; fields that differ: {', '.join(differ)}. "
                              "Use a new run_dir, or the saved config.")
-    else:
-        atomic_write(saved_file, lambda f: f.write(json.dumps(config, indent=1).encode()))
+    atomic_write(saved_file, lambda f: f.write(json.dumps(config, indent=1).encode()))
     task, ref, value = _build(cfg)
     return run(cfg.algorithm, task, ref, value, run_dir, progress=progress)
 

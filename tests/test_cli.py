@@ -97,6 +97,8 @@ def test_train_and_plot_commands(tmp_path, capsys):
     with pytest.raises(SystemExit):  # resuming with another config is refused, naming the field
         cli.main([*args, "algorithm.eta=0.2"])
     assert "fields that differ: algorithm.eta" in capsys.readouterr().err
+    assert cli.main([*args[:-1], "algorithm.iterations=3"]) == 0  # extending the run is allowed
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 3
     assert cli.main(["plot", str(run_dir), "--out", str(tmp_path / "p.png")]) == 0
     assert (tmp_path / "p.png").stat().st_size > 10_000
     with pytest.raises(SystemExit):
