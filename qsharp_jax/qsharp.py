@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
@@ -34,7 +35,15 @@ from qsharp_jax.data.storage import RolloutStore, atomic_write
 from qsharp_jax.models.build import ModelSpec, build_reference, build_value
 from qsharp_jax.models.transformer import Transformer
 from qsharp_jax.models.value import HeadConfig, ValueModel
-from qsharp_jax.train import OptimizerConfig, TrainState, init_state, make_optimizer, make_train_step, value_loss
+from qsharp_jax.train import (
+    OptimizerConfig,
+    TrainState,
+    bellman_value_loss,
+    init_state,
+    make_optimizer,
+    make_train_step,
+    value_loss,
+)
 
 
 class Task(Protocol):
@@ -63,7 +72,7 @@ class AlgorithmConfig:
     top_k: int = 10
     temperature: float = 1.0
     guidance: str = "qsharp"  # qsharp | cd | bernoulli
-    loss: str = "categorical"  # categorical | bernoulli | mse
+    loss: str = "categorical"  # categorical | bernoulli | mse | categorical_bellman (Q-type heads)
     epochs: int = 2
     batch_size: int = 32
     warm_start: bool = True  # keep fitting one value model (False: re-initialize every iteration)
@@ -108,7 +117,16 @@ def run(
     checkpoints = Checkpoints(run_dir / "checkpoints", keep=cfg.keep_checkpoints)
     optimizer = make_optimizer(cfg.optimizer)
     fresh = init_state(value, optimizer, jax.random.key(cfg.seed))
-    train_step = make_train_step(lambda m, b: value_loss(m, b, kind=cfg.loss), optimizer)
+    if cfg.loss == "categorical_bellman":
+        train_step = make_train_step(bellman_value_loss, optimizer)
+        ref_graph, ref_state = nnx.split(ref)
+        ref_logits = jax.jit(lambda state, tokens, mask: nnx.merge(ref_graph, state)(tokens, mask))
+
+        def augment(batch):  # π_ref is frozen: its next-token logits are an input of the step
+            return {**batch, "ref_logits": ref_logits(ref_state, batch["tokens"], batch["attention_mask"])}
+    else:
+        train_step = make_train_step(lambda m, b: value_loss(m, b, kind=cfg.loss), optimizer)
+        augment = None
 
     restored = checkpoints.restore(fresh, config)
     state, history = (restored[0], restored[1]["history"]) if restored else (fresh, [])
@@ -119,12 +137,12 @@ def run(
             store.append(iteration, _collect(cfg, task, ref, state, iteration))
         if not cfg.warm_start:  # a copy: the train step donates (consumes) its input state
             state = jax.tree.map(jnp.copy, fresh)
-        state, fit = _fit(cfg, state, train_step, store.load(), iteration, progress)
+        state, fit = _fit(cfg, state, train_step, store.load(), iteration, progress, augment)
         metrics = {"iteration": iteration, "examples": len(store), **fit, **_evaluate(cfg, task, ref, state, iteration)}
         history.append(metrics)
         with SummaryWriter(str(run_dir / "tensorboard")) as writer:
             for name, value_ in metrics.items():
-                if name != "iteration":
+                if name != "iteration" and np.isfinite(value_):  # NaN: a skipped fit
                     writer.add_scalar(name, value_, iteration)
         checkpoints.save(iteration, state, {"iteration": iteration, "config": config, "history": history})
         atomic_write(run_dir / "metrics.jsonl", lambda f: f.write("".join(json.dumps(m) + "\n" for m in history).encode()))
@@ -147,7 +165,8 @@ def _collect(cfg: AlgorithmConfig, task: Task, ref: Transformer, state: TrainSta
     return _records(prompts, mask, out, switch, rewards, group)
 
 
-def _fit(cfg, state: TrainState, train_step, data: dict[str, np.ndarray], iteration: int, progress: bool):
+def _fit(cfg, state: TrainState, train_step, data: dict[str, np.ndarray], iteration: int, progress: bool,
+         augment=None):
     if cfg.drop_no_variation:
         groups, inverse = np.unique(data["group"], return_inverse=True)
         lo = np.full(len(groups), np.inf)
@@ -173,7 +192,8 @@ def _fit(cfg, state: TrainState, train_step, data: dict[str, np.ndarray], iterat
             index = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
             batch = {k: data[k][np.maximum(index, 0)] for k in keys}
             batch["loss_mask"] = batch["loss_mask"] & (index >= 0)[:, None]  # padding rows fit nothing
-            state, metrics = train_step(state, {k: jnp.asarray(v) for k, v in batch.items()})
+            batch = {k: jnp.asarray(v) for k, v in batch.items()}
+            state, metrics = train_step(state, augment(batch) if augment else batch)
             epoch.append(metrics)
             bar.update()
             bar.set_postfix(loss=f"{float(metrics['loss']):.4f}")

@@ -131,14 +131,54 @@ def value_loss(
     else:
         loss = losses.mse_return_loss(out, returns, mask)
         mean = out
-    # how well the predicted mean return explains the observed returns, over fitted positions
+    return loss, _fit_metrics(mean, returns, mask)
+
+
+def bellman_value_loss(model: ValueModel, batch: Batch, *, atoms: jax.Array | None = None):
+    """Distributional Bellman loss of a Q-type categorical value model under π_ref (no max).
+
+    For every fitted transition s_t --a_{t+1}--> s_{t+1}, the target for Z(s_t, a_{t+1}) is the
+    C51 projection of ``r + γ·z`` (γ = 1; the reward arrives with the last token) under the π_ref
+    mixture of the model's own next-state distributions, Σ_a π_ref(a | s_{t+1}) p(· | s_{t+1}, a),
+    computed exactly over the vocabulary with the gradient stopped (a semi-gradient target, as
+    with a target network that is refreshed every step).
+
+    Needs ``batch["ref_logits"]`` float ``[N, T, V]``: π_ref's next-token logits at each position.
+    """
+    head = model.head_cfg
+    if not (head.q_type and head.kind == "categorical"):
+        raise ValueError(
+            "categorical_bellman needs a Q-type categorical value model (the mixture over π_ref is exact over "
+            "its vocabulary); V-type models are fitted with the Monte-Carlo 'categorical' loss for now"
+        )
+    tokens, attention = batch["tokens"], batch["attention_mask"]
+    chex.assert_shape(batch["ref_logits"], (*tokens.shape, model.vocab_size),
+                      custom_message="batch['ref_logits'] must be [N, T, V]")
+    out = model(tokens, attention)  # [N, T, V, K]
+    chosen = jnp.take_along_axis(out[:, :-1], tokens[:, 1:, None, None], axis=2)[:, :, 0]  # Z(s_t, a_{t+1})
+    own = jax.nn.softmax(jax.lax.stop_gradient(out[:, 1:]), axis=-1)  # p(· | s_{t+1}, a) for every a
+    ref = jax.nn.softmax(batch["ref_logits"][:, 1:].astype(jnp.float32), axis=-1)  # π_ref(a | s_{t+1})
+    next_probs = jnp.einsum("ntv,ntvk->ntk", ref, own)
+    last = tokens.shape[1] - 1 - jnp.argmax(attention[:, ::-1], axis=1)  # last real token of each row
+    terminal = jnp.arange(1, tokens.shape[1])[None, :] == last[:, None]
+    rewards = jnp.where(terminal, batch["rewards"][:, None], 0.0)
+    discounts = jnp.where(terminal, 0.0, 1.0)
+    mask = (batch["loss_mask"] & attention)[:, 1:]
+    atoms = jnp.linspace(0.0, 1.0, head.num_atoms) if atoms is None else atoms
+    loss = losses.categorical_bellman_loss(chosen, next_probs, rewards, discounts, atoms, mask)
+    returns = jnp.broadcast_to(batch["rewards"][:, None], mask.shape).astype(jnp.float32)
+    return loss, _fit_metrics(jax.nn.softmax(chosen) @ atoms, returns, mask)
+
+
+def _fit_metrics(mean: jax.Array, returns: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
+    """How well the predicted mean return explains the observed returns, over fitted positions."""
     fitted = mask.astype(jnp.float32)
     count = jnp.maximum(fitted.sum(), 1.0)
     mean_return = (returns * fitted).sum() / count
     residual = ((mean - returns) ** 2 * fitted).sum() / count
     variance = ((returns - mean_return) ** 2 * fitted).sum() / count
     explained = jnp.where(variance > 0, 1.0 - residual / jnp.where(variance > 0, variance, 1.0), 0.0)
-    return loss, {"explained_variance": explained, "fitted_tokens": fitted.sum()}
+    return {"explained_variance": explained, "fitted_tokens": fitted.sum()}
 
 
 def _opt_state_shardings(opt_state: Any, params: Any, param_shardings: Any, mesh: Mesh) -> Any:

@@ -126,3 +126,16 @@ def test_two_iterations_beat_reference_at_lower_kl_than_cd(tmp_path):
     assert q["guided_reward"] > q["ref_reward"] + 0.5
     assert q["guided_reward"] > cd["guided_reward"] - 0.05
     assert q["guided_kl"] < cd["guided_kl"] - 0.3
+
+
+def test_q_type_value_model_with_the_bellman_loss(tmp_path):
+    """The driver fits a Q-type model by distributional Bellman backups; guidance then helps."""
+    import dataclasses
+
+    algo, task, ref, _ = build()
+    cfg = dataclasses.replace(ref.cfg, tie_embeddings=False)
+    value = ValueModel(cfg, HeadConfig("categorical", 11, q_type=True), rngs=nnx.Rngs(1))
+    algo = dataclasses.replace(algo, loss="categorical_bellman")
+    last = run(algo, task, ref, value, tmp_path, progress=False)[-1]
+    assert last["guided_reward"] > last["ref_reward"] + 0.15  # measured: 0.37 vs 0.10
+    assert np.isfinite(last["fit_loss"]) and np.isfinite(last["fit_explained_variance"])

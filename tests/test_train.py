@@ -11,6 +11,7 @@ from qsharp_jax.models.transformer import TransformerConfig
 from qsharp_jax.models.value import HeadConfig, ValueModel
 from qsharp_jax.train import (
     OptimizerConfig,
+    bellman_value_loss,
     init_state,
     learning_rate_schedule,
     make_optimizer,
@@ -112,3 +113,37 @@ def test_loss_kind_must_fit_the_head():
     model = ValueModel(CFG, HeadConfig("scalar"), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="loss 'categorical' does not fit a 'scalar' value head"):
         value_loss(model, toy_batch())
+
+
+def test_bellman_loss_matches_manual_targets():
+    model = ValueModel(CFG, HeadConfig("categorical", 5, q_type=True), rngs=nnx.Rngs(3))
+    batch = toy_batch(n=4)
+    rng = np.random.default_rng(1)
+    batch["ref_logits"] = jnp.asarray(rng.normal(size=(*batch["tokens"].shape, V)), jnp.float32)
+    loss, _ = bellman_value_loss(model, batch)
+    out = np.asarray(model(batch["tokens"], batch["attention_mask"]), np.float64)
+    tokens, attention = np.asarray(batch["tokens"]), np.asarray(batch["attention_mask"])
+    atoms = np.linspace(0, 1, 5)
+    total, count = 0.0, 0
+    for n in range(4):
+        last = np.flatnonzero(attention[n]).max()
+        for t in range(tokens.shape[1] - 1):
+            if not (batch["loss_mask"][n, t + 1] and attention[n, t + 1]):
+                continue
+            logits = out[n, t, tokens[n, t + 1]]
+            if t + 1 == last:
+                target = np.zeros(5)
+                target[np.argmin(np.abs(atoms - float(batch["rewards"][n])))] = 1.0  # rewards sit on atoms
+            else:
+                ref = np.exp(batch["ref_logits"][n, t + 1]) / np.exp(batch["ref_logits"][n, t + 1]).sum()
+                own = np.exp(out[n, t + 1]) / np.exp(out[n, t + 1]).sum(-1, keepdims=True)
+                target = ref @ own
+            log_p = logits - np.log(np.exp(logits).sum())
+            total += -(target * log_p).sum()
+            count += 1
+    np.testing.assert_allclose(loss, total / count, rtol=1e-5)
+    # the target is a constant: only the chosen entries get gradient
+    grads = jax.grad(lambda p: bellman_value_loss(nnx.merge(*nnx.split(model)[:1], p), batch)[0])(nnx.split(model)[1])
+    assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+    with pytest.raises(ValueError, match="needs a Q-type categorical value model"):
+        bellman_value_loss(ValueModel(CFG, HeadConfig(), rngs=nnx.Rngs(0)), batch)
