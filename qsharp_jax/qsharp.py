@@ -179,7 +179,7 @@ def _fit(cfg, state: TrainState, train_step, data: dict[str, np.ndarray], iterat
     if n == 0 or np.all(data["rewards"] == data["rewards"][0]):
         warnings.warn(f"iteration {iteration}: all {n} rewards are identical; nothing to learn, value model kept",
                       stacklevel=2)
-        return state, {"fit_loss": float("nan"), "fit_explained_variance": float("nan")}
+        return state, {"fit_examples": n, "fit_loss": float("nan"), "fit_explained_variance": float("nan")}
     rng = np.random.default_rng([cfg.seed, iteration, 1])
     batches = -(-n // cfg.batch_size)
     keys = ("tokens", "attention_mask", "loss_mask", "rewards")
@@ -199,7 +199,7 @@ def _fit(cfg, state: TrainState, train_step, data: dict[str, np.ndarray], iterat
             bar.set_postfix(loss=f"{float(metrics['loss']):.4f}")
     bar.close()
     # last epoch's means (weighted by batches: padding rows only shrink the last one)
-    return state, {"fit_loss": float(np.mean([m["loss"] for m in epoch])),
+    return state, {"fit_examples": n, "fit_loss": float(np.mean([m["loss"] for m in epoch])),
                    "fit_explained_variance": float(np.mean([m["explained_variance"] for m in epoch]))}
 
 

@@ -139,3 +139,15 @@ def test_q_type_value_model_with_the_bellman_loss(tmp_path):
     last = run(algo, task, ref, value, tmp_path, progress=False)[-1]
     assert last["guided_reward"] > last["ref_reward"] + 0.15  # measured: 0.37 vs 0.10
     assert np.isfinite(last["fit_loss"]) and np.isfinite(last["fit_explained_variance"])
+
+
+def test_drop_no_variation_fits_only_informative_prompts(tmp_path):
+    import dataclasses
+
+    algo, task, ref, value = build()
+    algo = dataclasses.replace(algo, iterations=1, drop_no_variation=True)
+    first = run(algo, task, ref, value, tmp_path, progress=False)[0]
+    data = np.load(tmp_path / "data" / "iteration-00000.npz")
+    groups, inverse = np.unique(data["group"], return_inverse=True)
+    varied = [np.ptp(data["rewards"][inverse == g]) > 0 for g in range(len(groups))]
+    assert first["fit_examples"] == algo.samples_per_prompt * sum(varied) < first["examples"]
