@@ -142,10 +142,10 @@ def value_from_scratch(
     graphdef, abstract = hf_lib.abstract_model(ValueModel, backbone, head, dtype=dtype)
     shardings = hf_lib.shardings_for(abstract, mesh)
 
-    @jax.jit
     def init():
         return nnx.split(ValueModel(backbone, head, dtype=dtype, rngs=nnx.Rngs(seed)))[1]
 
+    # initialized directly into its shardings: never materialized on one device
     state = jax.jit(init, out_shardings=_values(shardings))()
     return nnx.merge(graphdef, state)
 
