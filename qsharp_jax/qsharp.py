@@ -26,10 +26,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from qsharp_jax import rollout
+from qsharp_jax import sharding as sharding_lib
 from qsharp_jax.checkpoint import Checkpoints
 from qsharp_jax.data.storage import RolloutStore, atomic_write
 from qsharp_jax.models.build import ModelSpec, build_reference, build_value
@@ -42,6 +44,7 @@ from qsharp_jax.train import (
     init_state,
     make_optimizer,
     make_train_step,
+    state_shardings,
     value_loss,
 )
 
@@ -106,9 +109,13 @@ def _check_rewards(rewards: Any, n: int) -> np.ndarray:
 
 def run(
     cfg: AlgorithmConfig, task: Task, ref: Transformer, value: ValueModel, run_dir: str | Path, *,
-    progress: bool = True,
+    progress: bool = True, mesh: Mesh | None = None,
 ) -> list[dict[str, float]]:
-    """Run (or resume) Algorithm 1 in ``run_dir``; returns the metrics of every iteration."""
+    """Run (or resume) Algorithm 1 in ``run_dir``; returns the metrics of every iteration.
+
+    With a ``mesh``, π_ref and the value model are placed by their logical-axis shardings, the
+    train step shards parameters, optimizer state and batches, and rollouts run on the mesh.
+    """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     # everything but the iteration count must match a run being resumed (extending a run is fine)
@@ -117,15 +124,19 @@ def run(
     checkpoints = Checkpoints(run_dir / "checkpoints", keep=cfg.keep_checkpoints)
     optimizer = make_optimizer(cfg.optimizer)
     fresh = init_state(value, optimizer, jax.random.key(cfg.seed))
+    if mesh is not None:
+        graphdef, ref_params = nnx.split(ref)
+        ref = nnx.merge(graphdef, jax.device_put(ref_params, sharding_lib.state_shardings(ref_params, mesh)))
+        fresh = jax.device_put(fresh, state_shardings(fresh, mesh))
     if cfg.loss == "categorical_bellman":
-        train_step = make_train_step(bellman_value_loss, optimizer)
+        train_step = make_train_step(bellman_value_loss, optimizer, mesh, fresh)
         ref_graph, ref_state = nnx.split(ref)
         ref_logits = jax.jit(lambda state, tokens, mask: nnx.merge(ref_graph, state)(tokens, mask))
 
         def augment(batch):  # π_ref is frozen: its next-token logits are an input of the step
             return {**batch, "ref_logits": ref_logits(ref_state, batch["tokens"], batch["attention_mask"])}
     else:
-        train_step = make_train_step(lambda m, b: value_loss(m, b, kind=cfg.loss), optimizer)
+        train_step = make_train_step(lambda m, b: value_loss(m, b, kind=cfg.loss), optimizer, mesh, fresh)
         augment = None
 
     restored = checkpoints.restore(fresh, config)

@@ -251,11 +251,9 @@ def make_train_step(
     if state is None:
         raise ValueError("make_train_step(mesh=...) needs `state` to derive the shardings")
     shardings = state_shardings(state, mesh)
-    batch_sharding = lambda: {  # noqa: E731
-        key: sharding_lib.batch_sharding(mesh, 2 if key != "rewards" else 1)
-        for key in ("tokens", "attention_mask", "loss_mask", "rewards")
-    }
+    # one spec for every batch array: the leading (example) axis over data x fsdp, the rest whole
+    batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
     replicated = NamedSharding(mesh, PartitionSpec())
     return jax.jit(
-        step, in_shardings=(shardings, batch_sharding()), out_shardings=(shardings, replicated), donate_argnums=0
+        step, in_shardings=(shardings, batch_sharding), out_shardings=(shardings, replicated), donate_argnums=0
     )
