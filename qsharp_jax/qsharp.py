@@ -238,6 +238,8 @@ class TrainConfig:
     value: ModelSpec = ModelSpec(seed=1)
     head: HeadConfig = HeadConfig()
     algorithm: AlgorithmConfig = AlgorithmConfig()
+    # devices: None = one device; else a (data, fsdp, tensor) mesh, -1 taking what is left
+    mesh: tuple[int, int, int] | None = None
 
 
 def _build(cfg: TrainConfig) -> tuple[Task, Transformer, ValueModel]:
@@ -271,7 +273,8 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> list[dict[str, float]]:
                              "Use a new run_dir, or the saved config.")
     atomic_write(saved_file, lambda f: f.write(json.dumps(config, indent=1).encode()))
     task, ref, value = _build(cfg)
-    return run(cfg.algorithm, task, ref, value, run_dir, progress=progress)
+    mesh = None if cfg.mesh is None else sharding_lib.make_mesh(*cfg.mesh)
+    return run(cfg.algorithm, task, ref, value, run_dir, progress=progress, mesh=mesh)
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:

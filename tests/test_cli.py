@@ -80,7 +80,8 @@ def test_config_errors(overrides, message):
 def test_train_and_plot_commands(tmp_path, capsys):
     """`qsharp train` on the toy config (two iterations), then `qsharp plot`."""
     run_dir = tmp_path / "run"
-    args = ["train", "experiments/planted_token/config.yaml", f"run_dir={run_dir}", "algorithm.iterations=2"]
+    args = ["train", "experiments/planted_token/config.yaml", f"run_dir={run_dir}", "mesh=[2,2,2]",
+            "algorithm.iterations=2"]
     assert cli.main(args) == 0
     out = capsys.readouterr().out
     rows = [line.split() for line in out.splitlines() if re.match(r"\s+\d+\s+\d+\s", line)]

@@ -60,6 +60,13 @@ def test_bad_rewards_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"rewards must lie in \[0, 1\]"):
         run(algo, Broken(), ref, value, tmp_path / "a", progress=False)
 
+    class NotANumber(ToyTask):
+        def reward(self, prompts, completions, mask):
+            return np.where(np.arange(len(prompts)) == 5, np.nan, 0.0)
+
+    with pytest.raises(ValueError, match="non-finite rewards"):
+        run(algo, NotANumber(), ref, value, tmp_path / "nan", progress=False)
+
     class WrongShape(ToyTask):
         def reward(self, prompts, completions, mask):
             return np.zeros(3)
