@@ -125,8 +125,7 @@ def run(
     optimizer = make_optimizer(cfg.optimizer)
     fresh = init_state(value, optimizer, jax.random.key(cfg.seed))
     if mesh is not None:
-        graphdef, ref_params = nnx.split(ref)
-        ref = nnx.merge(graphdef, jax.device_put(ref_params, sharding_lib.state_shardings(ref_params, mesh)))
+        ref = sharding_lib.place(ref, mesh)
         fresh = jax.device_put(fresh, state_shardings(fresh, mesh))
     if cfg.loss == "categorical_bellman":
         train_step = make_train_step(bellman_value_loss, optimizer, mesh, fresh)
@@ -160,17 +159,27 @@ def run(
     return history
 
 
+def _sampling(cfg: AlgorithmConfig, task: Task) -> dict[str, Any]:
+    """Decoding settings shared by collection, evaluation and sampling."""
+    return dict(max_new_tokens=cfg.max_new_tokens, top_k=cfg.top_k, temperature=cfg.temperature,
+                eos_id=task.eos_id, pad_id=task.pad_id)
+
+
+def _guided(cfg: AlgorithmConfig, state: TrainState) -> dict[str, Any]:
+    """The guidance arguments of ``rollout.generate`` for the current value model."""
+    return dict(value_model=state.model(), guidance=cfg.guidance, eta=cfg.eta)
+
+
 def _collect(cfg: AlgorithmConfig, task: Task, ref: Transformer, state: TrainState, iteration: int):
     rng = np.random.default_rng([cfg.seed, iteration, 0])
     prompts, mask = task.sample_prompts(rng, cfg.prompts_per_iteration)
     group = iteration * cfg.prompts_per_iteration + np.arange(len(prompts))
     prompts, mask, group = (np.repeat(x, cfg.samples_per_prompt, axis=0) for x in (prompts, mask, group))
     switch = rng.integers(0, cfg.max_new_tokens, size=len(prompts))  # uniform over the response
-    guided = {} if iteration == 0 else dict(value_model=state.model(), guidance=cfg.guidance, eta=cfg.eta)
+    guided = {} if iteration == 0 else _guided(cfg, state)  # iteration 0 rolls in with π_ref
     out = rollout.generate(
-        ref, prompts, mask, key=jax.random.fold_in(jax.random.key(cfg.seed), iteration), max_new_tokens=cfg.max_new_tokens,
-        top_k=cfg.top_k, temperature=cfg.temperature, switch_time=jnp.asarray(switch), eos_id=task.eos_id,
-        pad_id=task.pad_id, **guided,
+        ref, prompts, mask, key=jax.random.fold_in(jax.random.key(cfg.seed), iteration),
+        switch_time=jnp.asarray(switch), **_sampling(cfg, task), **guided,
     )
     rewards = _check_rewards(task.reward(prompts, np.asarray(out.tokens), np.asarray(out.mask)), len(prompts))
     return _records(prompts, mask, out, switch, rewards, group)
@@ -217,11 +226,9 @@ def _fit(cfg, state: TrainState, train_step, data: dict[str, np.ndarray], iterat
 def _evaluate(cfg: AlgorithmConfig, task: Task, ref: Transformer, state: TrainState, iteration: int) -> dict[str, float]:
     prompts, mask = task.eval_prompts()
     key = jax.random.fold_in(jax.random.key(cfg.seed + 1), iteration)
-    common = dict(key=key, max_new_tokens=cfg.max_new_tokens, top_k=cfg.top_k, temperature=cfg.temperature,
-                  eos_id=task.eos_id, pad_id=task.pad_id)
     results = {}
-    for name, extra in (("ref", {}), ("guided", dict(value_model=state.model(), guidance=cfg.guidance, eta=cfg.eta))):
-        out = rollout.generate(ref, prompts, mask, **common, **extra)
+    for name, extra in (("ref", {}), ("guided", _guided(cfg, state))):
+        out = rollout.generate(ref, prompts, mask, key=key, **_sampling(cfg, task), **extra)
         rewards = _check_rewards(task.reward(prompts, np.asarray(out.tokens), np.asarray(out.mask)), len(prompts))
         results[f"{name}_reward"] = float(rewards.mean())
         results[f"{name}_kl"] = float(np.asarray(out.kl).mean())
@@ -315,9 +322,7 @@ def sample_run(run_dir: str | Path, num: int = 8, seed: int = 0) -> tuple[np.nda
     cfg, task, ref, state, _ = load_run(run_dir)
     prompts, mask = task.eval_prompts()
     prompts, mask = prompts[:num], mask[:num]
-    a = cfg.algorithm
-    out = rollout.generate(ref, prompts, mask, key=jax.random.key(seed), max_new_tokens=a.max_new_tokens, top_k=a.top_k,
-                           temperature=a.temperature, eos_id=task.eos_id, pad_id=task.pad_id,
-                           value_model=state.model(), guidance=a.guidance, eta=a.eta)
+    out = rollout.generate(ref, prompts, mask, key=jax.random.key(seed), **_sampling(cfg.algorithm, task),
+                           **_guided(cfg.algorithm, state))
     tokens = np.asarray(out.tokens)
     return prompts, tokens, task.reward(prompts, tokens, np.asarray(out.mask))

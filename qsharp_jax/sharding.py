@@ -105,6 +105,12 @@ def state_shardings(state: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = D
     return jax.tree.map(one, state, specs, is_leaf=is_var)
 
 
+def place(module: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> Any:
+    """The NNX ``module`` with its parameters moved onto ``mesh`` by their logical axes."""
+    graphdef, state = nnx.split(module)
+    return nnx.merge(graphdef, jax.device_put(state, state_shardings(state, mesh, rules)))
+
+
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     """Shard the leading (batch) axis over ``data`` and ``fsdp``; replicate the rest."""
     return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))

@@ -179,13 +179,9 @@ def test_sharded_equals_single_device(ref):
                   switch_time=jnp.arange(8) % 6)
     single = generate(ref, ids, mask, **kwargs)
 
-    def place(model):
-        graphdef, state = nnx.split(model)
-        return nnx.merge(graphdef, jax.device_put(state, sharding.state_shardings(state, mesh)))
-
-    kwargs["value_model"] = place(value)
+    kwargs["value_model"] = sharding.place(value, mesh)
     batch = sharding.batch_sharding(mesh, 2)
-    out = generate(place(ref), jax.device_put(ids, batch), jax.device_put(mask, batch), **kwargs)
+    out = generate(sharding.place(ref, mesh), jax.device_put(ids, batch), jax.device_put(mask, batch), **kwargs)
     np.testing.assert_array_equal(out.tokens, single.tokens)
     np.testing.assert_allclose(out.kl, single.kl, atol=1e-4)
 
