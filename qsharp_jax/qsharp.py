@@ -44,6 +44,7 @@ from qsharp_jax.train import (
     init_state,
     make_optimizer,
     make_train_step,
+    reference_inputs,
     state_shardings,
     value_loss,
 )
@@ -75,7 +76,7 @@ class AlgorithmConfig:
     top_k: int = 10
     temperature: float = 1.0
     guidance: str = "qsharp"  # qsharp | cd | bernoulli
-    loss: str = "categorical"  # categorical | bernoulli | mse | categorical_bellman (Q-type heads)
+    loss: str = "categorical"  # categorical | bernoulli | mse | categorical_bellman
     epochs: int = 2
     batch_size: int = 32
     warm_start: bool = True  # keep fitting one value model (False: re-initialize every iteration)
@@ -130,10 +131,12 @@ def run(
     if cfg.loss == "categorical_bellman":
         train_step = make_train_step(bellman_value_loss, optimizer, mesh, fresh)
         ref_graph, ref_state = nnx.split(ref)
-        ref_logits = jax.jit(lambda state, tokens, mask: nnx.merge(ref_graph, state)(tokens, mask))
+        top_k = None if value.head_cfg.q_type else cfg.top_k
+        ref_inputs = jax.jit(lambda state, tokens, mask: reference_inputs(nnx.merge(ref_graph, state), tokens, mask,
+                                                                          top_k=top_k))
 
-        def augment(batch):  # π_ref is frozen: its next-token logits are an input of the step
-            return {**batch, "ref_logits": ref_logits(ref_state, batch["tokens"], batch["attention_mask"])}
+        def augment(batch):  # π_ref is frozen: what the targets need from it is an input of the step
+            return {**batch, **ref_inputs(ref_state, batch["tokens"], batch["attention_mask"])}
     else:
         train_step = make_train_step(lambda m, b: value_loss(m, b, kind=cfg.loss), optimizer, mesh, fresh)
         augment = None

@@ -26,6 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from qsharp_jax import losses
 from qsharp_jax import sharding as sharding_lib
+from qsharp_jax.models.transformer import Transformer
 from qsharp_jax.models.value import ValueModel
 
 LossKind = Literal["categorical", "bernoulli", "mse"]
@@ -134,37 +135,71 @@ def value_loss(
     return loss, _fit_metrics(mean, returns, mask)
 
 
+def reference_inputs(ref: Transformer, tokens: jax.Array, attention_mask: jax.Array, *, top_k: int | None) -> Batch:
+    """What :func:`bellman_value_loss` needs from the frozen π_ref for a batch.
+
+    ``top_k=None`` (Q-type): ``{"ref_logits": [N, T, V]}``. Otherwise (V-type):
+    ``{"ref_top_ids": int32 [N, T, k], "ref_top_logits": [N, T, k]}``, π_ref's k likeliest next
+    tokens after each prefix — the tokens guided V-type decoding chooses among.
+    """
+    logits = jax.lax.stop_gradient(ref(tokens, attention_mask))
+    if top_k is None:
+        return {"ref_logits": logits}
+    top_logits, top_ids = jax.lax.top_k(logits, top_k)
+    return {"ref_top_ids": top_ids.astype(jnp.int32), "ref_top_logits": top_logits}
+
+
 def bellman_value_loss(model: ValueModel, batch: Batch, *, atoms: jax.Array | None = None):
-    """Distributional Bellman loss of a Q-type categorical value model under π_ref (no max).
+    """Distributional Bellman loss of a categorical value model under π_ref (no max).
 
-    For every fitted transition s_t --a_{t+1}--> s_{t+1}, the target for Z(s_t, a_{t+1}) is the
-    C51 projection of ``r + γ·z`` (γ = 1; the reward arrives with the last token) under the π_ref
-    mixture of the model's own next-state distributions, Σ_a π_ref(a | s_{t+1}) p(· | s_{t+1}, a),
-    computed exactly over the vocabulary with the gradient stopped (a semi-gradient target, as
-    with a target network that is refreshed every step).
+    The target for the return distribution of a fitted state-action is the C51 projection of
+    ``r + γ·z`` (γ = 1; the reward arrives with the last token) under the π_ref mixture of the
+    model's own next-step distributions, with the gradient stopped (a semi-gradient target, as with
+    a target network refreshed every step):
 
-    Needs ``batch["ref_logits"]`` float ``[N, T, V]``: π_ref's next-token logits at each position.
+    * Q-type: the target for Z(s_t, a_{t+1}) is Σ_a π_ref(a | s_{t+1}) p(· | s_{t+1}, a), exact
+      over the vocabulary. Needs ``batch["ref_logits"]`` float ``[N, T, V]``.
+    * V-type: the target for Z(s_t) (the prefix ending at t) is Σ_j π̃_ref(c_j | s_t) p(· | s_t c_j)
+      over π_ref's top-k next tokens c_j, π̃_ref renormalized over them — the support of guided
+      V-type decoding. All T·k branches are scored in one forward
+      (:meth:`ValueModel.score_branches`). Needs ``batch["ref_top_ids"]`` int ``[N, T, k]`` and
+      ``batch["ref_top_logits"]`` float ``[N, T, k]`` (see :func:`reference_inputs`).
+
+    The last real token of a row is terminal: its target is the reward.
     """
     head = model.head_cfg
-    if not (head.q_type and head.kind == "categorical"):
-        raise ValueError(
-            "categorical_bellman needs a Q-type categorical value model (the mixture over π_ref is exact over "
-            "its vocabulary); V-type models are fitted with the Monte-Carlo 'categorical' loss for now"
-        )
+    if head.kind != "categorical":
+        raise ValueError(f"categorical_bellman needs a categorical value head, got {head.kind!r}")
     tokens, attention = batch["tokens"], batch["attention_mask"]
-    chex.assert_shape(batch["ref_logits"], (*tokens.shape, model.vocab_size),
-                      custom_message="batch['ref_logits'] must be [N, T, V]")
-    out = model(tokens, attention)  # [N, T, V, K]
-    chosen = jnp.take_along_axis(out[:, :-1], tokens[:, 1:, None, None], axis=2)[:, :, 0]  # Z(s_t, a_{t+1})
-    own = jax.nn.softmax(jax.lax.stop_gradient(out[:, 1:]), axis=-1)  # p(· | s_{t+1}, a) for every a
-    ref = jax.nn.softmax(batch["ref_logits"][:, 1:].astype(jnp.float32), axis=-1)  # π_ref(a | s_{t+1})
-    next_probs = jnp.einsum("ntv,ntvk->ntk", ref, own)
+    chex.assert_rank(tokens, 2, custom_message="batch['tokens'] must be [N, T]")
+    atoms = jnp.linspace(0.0, 1.0, head.num_atoms) if atoms is None else atoms
     last = tokens.shape[1] - 1 - jnp.argmax(attention[:, ::-1], axis=1)  # last real token of each row
-    terminal = jnp.arange(1, tokens.shape[1])[None, :] == last[:, None]
+    if head.q_type:
+        chex.assert_shape(batch["ref_logits"], (*tokens.shape, model.vocab_size),
+                          custom_message="batch['ref_logits'] must be [N, T, V]")
+        out = model(tokens, attention)  # [N, T, V, K]
+        chosen = jnp.take_along_axis(out[:, :-1], tokens[:, 1:, None, None], axis=2)[:, :, 0]  # Z(s_t, a_{t+1})
+        own = jax.nn.softmax(jax.lax.stop_gradient(out[:, 1:]), axis=-1)  # p(· | s_{t+1}, a) for every a
+        ref = jax.nn.softmax(batch["ref_logits"][:, 1:].astype(jnp.float32), axis=-1)  # π_ref(a | s_{t+1})
+        next_probs = jnp.einsum("ntv,ntvk->ntk", ref, own)
+        terminal = jnp.arange(1, tokens.shape[1])[None, :] == last[:, None]
+        mask = (batch["loss_mask"] & attention)[:, 1:]
+    else:
+        ids = batch.get("ref_top_ids")
+        if ids is None or "ref_top_logits" not in batch:
+            raise ValueError("a V-type categorical_bellman batch needs 'ref_top_ids' and 'ref_top_logits' "
+                             "(π_ref's top-k next tokens; see train.reference_inputs)")
+        chex.assert_equal_shape([ids, batch["ref_top_logits"]],
+                                custom_message="ref_top_ids and ref_top_logits must share [N, T, k]")
+        chex.assert_equal_shape_prefix([tokens, ids], 2, custom_message="ref_top_ids must be [N, T, k]")
+        chosen, branches = model.score_branches(tokens, attention, ids)  # [N, T, K], [N, T, k, K]
+        own = jax.nn.softmax(jax.lax.stop_gradient(branches), axis=-1)
+        ref = jax.nn.softmax(batch["ref_top_logits"].astype(jnp.float32), axis=-1)  # renormalized over top-k
+        next_probs = jnp.einsum("ntj,ntjk->ntk", ref, own)
+        terminal = jnp.arange(tokens.shape[1])[None, :] == last[:, None]
+        mask = batch["loss_mask"] & attention
     rewards = jnp.where(terminal, batch["rewards"][:, None], 0.0)
     discounts = jnp.where(terminal, 0.0, 1.0)
-    mask = (batch["loss_mask"] & attention)[:, 1:]
-    atoms = jnp.linspace(0.0, 1.0, head.num_atoms) if atoms is None else atoms
     loss = losses.categorical_bellman_loss(chosen, next_probs, rewards, discounts, atoms, mask)
     returns = jnp.broadcast_to(batch["rewards"][:, None], mask.shape).astype(jnp.float32)
     return loss, _fit_metrics(jax.nn.softmax(chosen) @ atoms, returns, mask)
@@ -223,6 +258,34 @@ def state_shardings(state: TrainState, mesh: Mesh) -> TrainState:
     )
 
 
+def _step_fn(loss_fn, optimizer):
+    def step(state: TrainState, batch: Batch):
+        def objective(params):
+            return loss_fn(nnx.merge(state.graphdef, params), batch)
+
+        (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
+        return state.replace(params=params, opt_state=opt_state, step=state.step + 1), metrics
+
+    return step
+
+
+def make_train_epoch(
+    loss_fn: Callable[[Any, Batch], tuple[jax.Array, dict[str, jax.Array]]],
+    optimizer: optax.GradientTransformation,
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+    """``train_epoch(state, batches) -> (state, metrics)``: many steps in one jitted ``lax.scan``.
+
+    ``batches`` holds every array with a leading steps axis (``[S, B, ...]``); metrics come back
+    per step (``[S]``). No Python runs between steps, which matters on a CPU where a small model's
+    step takes milliseconds. The state is donated.
+    """
+    step = _step_fn(loss_fn, optimizer)
+    return jax.jit(lambda state, batches: jax.lax.scan(step, state, batches), donate_argnums=0)
+
+
 def make_train_step(
     loss_fn: Callable[[ValueModel, Batch], tuple[jax.Array, dict[str, jax.Array]]],
     optimizer: optax.GradientTransformation,
@@ -236,16 +299,7 @@ def make_train_step(
     the single-device step up to float reassociation.
     """
 
-    def step(state: TrainState, batch: Batch):
-        def objective(params):
-            return loss_fn(nnx.merge(state.graphdef, params), batch)
-
-        (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
-        return state.replace(params=params, opt_state=opt_state, step=state.step + 1), metrics
-
+    step = _step_fn(loss_fn, optimizer)
     if mesh is None:
         return jax.jit(step, donate_argnums=0)
     if state is None:

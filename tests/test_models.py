@@ -93,6 +93,33 @@ def test_candidates_equal_appending_each_token(checkpoints, kind):
         np.testing.assert_allclose(got[:, j], np.asarray(one)[:, 0], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_branches_equal_appending_each_token_to_each_prefix(checkpoints, kind):
+    """branches_hidden: k one-token extensions of every prefix in one forward (left padding, RoPE,
+    learned positions and Mistral's window included)."""
+    model = from_hf(checkpoints[kind][0])
+    ids, mask = left_padded_batch(np.random.default_rng(7), 61, length=12)
+    branch = np.random.default_rng(8).integers(0, 61, size=(3, 12, 3))
+    hidden, branches = model.branches_hidden(jnp.asarray(ids, jnp.int32), jnp.asarray(mask), jnp.asarray(branch))
+    np.testing.assert_allclose(hidden, model.hidden(jnp.asarray(ids, jnp.int32), jnp.asarray(mask)), atol=1e-5)
+    # brute force: every extended prefix as its own (right-padded) sequence, in one batch
+    seqs, where = [], []
+    for b in range(3):
+        for t in range(12):
+            if mask[b, t]:
+                prefix = ids[b, : t + 1][mask[b, : t + 1]]
+                for j in range(3):
+                    seqs.append(np.concatenate([prefix, branch[b, t, j : j + 1]]))
+                    where.append((b, t, j))
+    padded = np.zeros((len(seqs), 13), np.int32)
+    real = np.zeros((len(seqs), 13), bool)
+    for i, seq in enumerate(seqs):
+        padded[i, : len(seq)], real[i, : len(seq)] = seq, True
+    alone = np.asarray(model.hidden(jnp.asarray(padded), jnp.asarray(real)))
+    for i, (b, t, j) in enumerate(where):
+        np.testing.assert_allclose(branches[b, t, j], alone[i, len(seqs[i]) - 1], atol=1e-4, rtol=1e-4)
+
+
 def test_mistral_sliding_window_is_applied(checkpoints):
     """Tokens further back than the window must not matter (guards the window mask itself)."""
     model = from_hf(checkpoints["mistral"][0])

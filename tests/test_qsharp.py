@@ -148,6 +148,18 @@ def test_q_type_value_model_with_the_bellman_loss(tmp_path):
     assert np.isfinite(last["fit_loss"]) and np.isfinite(last["fit_explained_variance"])
 
 
+def test_v_type_value_model_with_the_bellman_loss(tmp_path):
+    """V-type Bellman targets over π_ref's top-k: the value of the first (decisive) token's branches
+    is bootstrapped from the end of the sequence; guidance then helps."""
+    import dataclasses
+
+    algo, task, ref, value = build()
+    algo = dataclasses.replace(algo, loss="categorical_bellman")
+    last = run(algo, task, ref, value, tmp_path, progress=False)[-1]
+    assert last["guided_reward"] > last["ref_reward"] + 0.3  # measured: 0.63 vs 0.10
+    assert np.isfinite(last["fit_loss"]) and np.isfinite(last["fit_explained_variance"])
+
+
 def test_drop_no_variation_fits_only_informative_prompts(tmp_path):
     import dataclasses
 

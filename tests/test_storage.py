@@ -52,7 +52,35 @@ def test_corrupt_shard_is_detected(tmp_path):
     raw = bytearray(shard.read_bytes())
     raw[-10] ^= 0xFF
     shard.write_bytes(bytes(raw))
-    with pytest.raises(ValueError, match="missing or corrupt"):
+    with pytest.raises(ValueError, match="is corrupt"):
+        store.load()
+
+
+def test_verified_shards_are_read_once_and_changes_still_caught(tmp_path, monkeypatch):
+    from qsharp_jax.data import storage
+
+    store = RolloutStore(tmp_path)
+    store.append(0, data(2, 3, 0))
+    store.append(1, data(2, 3, 1))
+    hashed = []
+    real = storage._sha256
+    monkeypatch.setattr(storage, "_sha256", lambda path: hashed.append(path.name) or real(path))
+    first = store.load()
+    store.append(2, data(2, 3, 2))
+    hashed.clear()
+    second = store.load()
+    assert hashed == ["iteration-00002.npz"]  # only the new shard is read and verified
+    np.testing.assert_array_equal(second["tokens"][:4], first["tokens"])
+    second["tokens"][:] = -1  # callers get copies; the cache is untouched
+    np.testing.assert_array_equal(store.load()["tokens"][:4], first["tokens"])
+    shard = tmp_path / "iteration-00001.npz"
+    raw = bytearray(shard.read_bytes())
+    raw[-10] ^= 0xFF
+    shard.write_bytes(bytes(raw) + b"x")  # a changed file is verified again
+    with pytest.raises(ValueError, match="iteration-00001.npz is corrupt"):
+        store.load()
+    shard.unlink()
+    with pytest.raises(ValueError, match="is missing"):
         store.load()
 
 

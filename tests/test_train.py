@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from qsharp_jax import losses, sharding
-from qsharp_jax.models.transformer import TransformerConfig
+from qsharp_jax.models.transformer import Transformer, TransformerConfig
 from qsharp_jax.models.value import HeadConfig, ValueModel
 from qsharp_jax.train import (
     OptimizerConfig,
@@ -16,6 +16,7 @@ from qsharp_jax.train import (
     learning_rate_schedule,
     make_optimizer,
     make_train_step,
+    reference_inputs,
     state_shardings,
     value_loss,
 )
@@ -145,5 +146,87 @@ def test_bellman_loss_matches_manual_targets():
     # the target is a constant: only the chosen entries get gradient
     grads = jax.grad(lambda p: bellman_value_loss(nnx.merge(*nnx.split(model)[:1], p), batch)[0])(nnx.split(model)[1])
     assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
-    with pytest.raises(ValueError, match="needs a Q-type categorical value model"):
-        bellman_value_loss(ValueModel(CFG, HeadConfig(), rngs=nnx.Rngs(0)), batch)
+    with pytest.raises(ValueError, match="needs a categorical value head"):
+        bellman_value_loss(ValueModel(CFG, HeadConfig("bernoulli", q_type=True), rngs=nnx.Rngs(0)), batch)
+
+
+def context_sensitive(model, seed=0, scale=0.4):
+    """The same model with large random weights, so every output depends visibly on every token
+    (at the 0.02 init scale a wrong attention mask moves outputs by less than the tolerances)."""
+    graphdef, params = nnx.split(model)
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return nnx.merge(graphdef, jax.tree.unflatten(
+        tree, [scale * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]))
+
+
+def test_v_type_bellman_loss_matches_brute_force():
+    """Targets: π_ref's top-k next tokens, renormalized, mixing the model's values of each extended
+    prefix — each computed here by a separate forward of the whole extended sequence."""
+    model = context_sensitive(ValueModel(CFG, HeadConfig("categorical", 5), rngs=nnx.Rngs(4)))
+    ref = Transformer(CFG, rngs=nnx.Rngs(5))
+    batch = toy_batch(n=4)
+    k = 3
+    batch.update(reference_inputs(ref, batch["tokens"], batch["attention_mask"], top_k=k))
+    loss, _ = bellman_value_loss(model, batch)
+    tokens, attention = np.asarray(batch["tokens"]), np.asarray(batch["attention_mask"])
+    ref_logits = np.asarray(ref(batch["tokens"], batch["attention_mask"]), np.float64)
+    atoms = np.linspace(0, 1, 5)
+    softmax = lambda x: np.exp(x - x.max(-1, keepdims=True)) / np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True)  # noqa: E731
+    # brute force: each prefix and each of its top-k extensions as its own right-padded sequence
+    seqs = []
+    for n in range(4):
+        real = tokens[n][attention[n]]
+        offset = int((~attention[n]).sum())
+        for t in range(tokens.shape[1]):
+            if batch["loss_mask"][n, t] and attention[n, t]:
+                prefix = real[: t - offset + 1]
+                top = np.argsort(-ref_logits[n, t])[:k]
+                seqs.append((n, t, prefix, top, [prefix] + [np.append(prefix, c) for c in top]))
+    flat = [s for *_, group in seqs for s in group]
+    padded = np.zeros((len(flat), tokens.shape[1] + 1), np.int32)
+    real_mask = np.zeros(padded.shape, bool)
+    for i, s in enumerate(flat):
+        padded[i, : len(s)], real_mask[i, : len(s)] = s, True
+    out = np.asarray(model(jnp.asarray(padded), jnp.asarray(real_mask)), np.float64)
+    value = lambda i: out[i, len(flat[i]) - 1]  # noqa: E731
+    total, i = 0.0, 0
+    for n, t, prefix, top, group in seqs:
+        logits = value(i)
+        if t == tokens.shape[1] - 1:
+            target = np.zeros(5)
+            target[np.argmin(np.abs(atoms - float(batch["rewards"][n])))] = 1.0
+        else:
+            own = softmax(np.stack([value(i + 1 + j) for j in range(k)]))
+            target = softmax(ref_logits[n, t, top]) @ own
+        total += -(target * np.log(softmax(logits))).sum()
+        i += len(group)
+    np.testing.assert_allclose(loss, total / len(seqs), rtol=1e-4)
+    with pytest.raises(ValueError, match="needs 'ref_top_ids' and 'ref_top_logits'"):
+        bellman_value_loss(model, toy_batch(n=4))
+
+
+def test_v_type_bellman_gradient_skips_the_targets():
+    """Semi-gradient: the loss's gradient equals that of the same loss with the targets frozen."""
+    model = ValueModel(CFG, HeadConfig("categorical", 5), rngs=nnx.Rngs(6))
+    ref = Transformer(CFG, rngs=nnx.Rngs(7))
+    batch = toy_batch(n=4)
+    batch.update(reference_inputs(ref, batch["tokens"], batch["attention_mask"], top_k=3))
+    graphdef, params = nnx.split(model)
+    _, branches = model.score_branches(batch["tokens"], batch["attention_mask"], batch["ref_top_ids"])
+    frozen = jax.nn.softmax(branches, axis=-1)
+
+    def with_frozen(p):
+        m = nnx.merge(graphdef, p)
+        chosen = m(batch["tokens"], batch["attention_mask"])
+        ref_w = jax.nn.softmax(batch["ref_top_logits"], axis=-1)
+        nxt = jnp.einsum("ntj,ntjk->ntk", ref_w, frozen)
+        terminal = jnp.broadcast_to(jnp.arange(6)[None, :] == 5, (4, 6))  # every row ends at t = 5
+        return losses.categorical_bellman_loss(
+            chosen, nxt, jnp.where(terminal, batch["rewards"][:, None], 0.0), jnp.where(terminal, 0.0, 1.0),
+            jnp.linspace(0, 1, 5), batch["loss_mask"] & batch["attention_mask"])
+
+    got = jax.grad(lambda p: bellman_value_loss(nnx.merge(graphdef, p), batch)[0])(params)
+    want = jax.grad(with_frozen)(params)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, atol=1e-6)

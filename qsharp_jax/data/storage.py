@@ -55,6 +55,9 @@ class RolloutStore:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
+        # verified shard contents, keyed by what would change if the file did: a long run's fit
+        # re-reads only the newest shard each iteration instead of re-hashing all of them
+        self._verified: dict[tuple, dict[str, np.ndarray]] = {}
 
     def _manifest(self) -> dict:
         file = self.path / MANIFEST
@@ -103,13 +106,24 @@ class RolloutStore:
             return {}
         parts: dict[str, list[np.ndarray]] = {}
         for s in shards:
-            file = self.path / s["file"]
-            if not file.exists() or _sha256(file) != s["sha256"]:
-                raise ValueError(f"{file} is missing or corrupt (checksum mismatch); the store cannot be trusted")
-            with np.load(file) as data:
-                for key in s["keys"]:
-                    parts.setdefault(key, []).append(data[key])
+            for key, array in self._read(s).items():
+                parts.setdefault(key, []).append(array)
         return {key: _concatenate(arrays) for key, arrays in parts.items()}
+
+
+    def _read(self, shard: dict) -> dict[str, np.ndarray]:
+        file = self.path / shard["file"]
+        try:
+            stat = file.stat()
+        except FileNotFoundError:
+            raise ValueError(f"{file} is missing; the store cannot be trusted") from None
+        key = (shard["file"], shard["sha256"], stat.st_size, stat.st_mtime_ns)
+        if key not in self._verified:
+            if _sha256(file) != shard["sha256"]:
+                raise ValueError(f"{file} is corrupt (checksum mismatch); the store cannot be trusted")
+            with np.load(file) as data:
+                self._verified[key] = {k: data[k] for k in shard["keys"]}
+        return self._verified[key]
 
 
 def _concatenate(arrays: list[np.ndarray]) -> np.ndarray:

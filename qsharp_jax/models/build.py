@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 import jax.numpy as jnp
 from flax import nnx
 
+from qsharp_jax.models import gpt2
 from qsharp_jax.models.hf import from_hf
 from qsharp_jax.models.transformer import Transformer, TransformerConfig
 from qsharp_jax.models.value import HeadConfig, ValueModel, value_from_hf, value_from_scratch
@@ -15,9 +17,11 @@ from qsharp_jax.models.value import HeadConfig, ValueModel, value_from_hf, value
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
     """``hf_path`` set: load that local Hugging Face directory (sizes below are ignored).
-    Otherwise a randomly initialized Llama-style decoder of these sizes."""
+    Otherwise a randomly initialized decoder of these sizes, Llama-style (RMSNorm, SwiGLU, RoPE) or
+    GPT-2-style (LayerNorm, GELU MLP, learned positions, biases, tied embeddings)."""
 
     hf_path: str | None = None
+    architecture: Literal["llama", "gpt2"] = "llama"
     vocab_size: int = 8
     hidden_size: int = 16
     num_layers: int = 1
@@ -27,6 +31,13 @@ class ModelSpec:
     seed: int = 0
 
     def transformer_config(self) -> TransformerConfig:
+        if self.architecture == "gpt2":
+            return gpt2.config_from_hf({
+                "vocab_size": self.vocab_size, "n_embd": self.hidden_size, "n_layer": self.num_layers,
+                "n_head": self.num_heads, "n_inner": self.mlp_dim, "n_positions": self.max_positions,
+            })
+        if self.architecture != "llama":
+            raise ValueError(f"architecture must be 'llama' or 'gpt2', got {self.architecture!r}")
         return TransformerConfig(
             vocab_size=self.vocab_size, hidden_size=self.hidden_size, num_layers=self.num_layers,
             num_heads=self.num_heads, num_kv_heads=self.num_heads, head_dim=self.hidden_size // self.num_heads,

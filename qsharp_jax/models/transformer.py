@@ -368,6 +368,52 @@ class Transformer(nnx.Module):
         x, kv = self._run(candidate_ids, positions, attend, (cache.k, cache.v))
         return (x, kv) if return_kv else x
 
+    def branches_hidden(
+        self, input_ids: jax.Array, attention_mask: jax.Array | None, branch_ids: jax.Array
+    ) -> tuple[jax.Array, jax.Array]:
+        """Hidden states of a sequence and of k one-token branches at every position, in one forward.
+
+        Args:
+          input_ids: int ``[B, T]`` (left or right padded); attention_mask: bool ``[B, T]`` or None.
+          branch_ids: int ``[B, T, k]``: branch j at t is ``branch_ids[b, t, j]`` appended to the
+            prefix ending at t.
+
+        Returns:
+          ``(hidden [B, T, E], branches [B, T, k, E])``: ``hidden`` equals :meth:`hidden`;
+          ``branches[b, t, j]`` equals the last hidden state of the prefix's real tokens followed
+          by that token. Each branch attends to its prefix and to itself only, so all ``T·k``
+          branches cost one extra token each instead of one forward each (what a V-type Bellman
+          target over π_ref's top-k needs at every position).
+        """
+        input_ids, mask = self._check_ids(input_ids, attention_mask)
+        branch_ids = jnp.asarray(branch_ids)
+        b, t = input_ids.shape
+        chex.assert_rank(branch_ids, 3, custom_message=f"branch_ids must be [batch, time, k], got {branch_ids.shape}")
+        chex.assert_equal_shape_prefix([input_ids, branch_ids], 2, custom_message="branch_ids must be [B, T, k]")
+        k = branch_ids.shape[2]
+        if self.cfg.positions == "learned" and t + 1 > self.cfg.max_positions:
+            raise ValueError(f"sequence length {t} + 1 exceeds the model's max_positions={self.cfg.max_positions}")
+        count = jnp.cumsum(mask, axis=1)
+        positions = jnp.maximum(count - 1, 0)
+        allowed = mask[:, None, :] & jnp.tril(jnp.ones((t, t), bool))[None]
+        allowed &= self._window(positions, positions)
+        branch_pos = jnp.repeat(count, k, axis=1)  # [B, T*k]: the position after the prefix
+        prefix_end = jnp.repeat(jnp.arange(t), k)
+        past = mask[:, None, :] & (jnp.arange(t)[None, None, :] <= prefix_end[None, :, None])
+        past &= self._window(branch_pos, positions)  # [B, T*k, T]
+
+        def attend(q, k_all, v_all, _):
+            k_seq, v_seq = _heads_major(k_all[:, :t]), _heads_major(v_all[:, :t])
+            main = attention(q[:, :t], k_seq, v_seq, allowed)
+            branches = _attention_with_self(
+                q[:, t:], k_seq, v_seq, past, _heads_major(k_all[:, t:]), _heads_major(v_all[:, t:])
+            )
+            return jnp.concatenate([main, branches], axis=1), None
+
+        ids = jnp.concatenate([input_ids, branch_ids.reshape(b, t * k)], axis=1)
+        x, _ = self._run(ids, jnp.concatenate([positions, branch_pos], axis=1), attend, None)
+        return x[:, :t], x[:, t:].reshape(b, t, k, -1)
+
     def commit_candidate(
         self, cache: KVCache, candidate_kv: Any, choice: jax.Array, active: jax.Array | None = None
     ) -> KVCache:

@@ -119,6 +119,20 @@ class ValueModel(nnx.Module):
             return self.head(hidden), kv
         return self.head(self.backbone.candidates_hidden(candidate_ids, cache))
 
+    def score_branches(
+        self, input_ids: jax.Array, attention_mask: jax.Array | None, branch_ids: jax.Array
+    ) -> tuple[jax.Array, jax.Array]:
+        """V-type: values of every prefix and of k one-token extensions of each, in one forward.
+
+        ``input_ids [B, T]``, ``branch_ids [B, T, k]`` -> ``(values [B, T, (K)], branches [B, T, k, (K)])``
+        where ``branches[b, t, j]`` scores the prefix ending at t extended by ``branch_ids[b, t, j]``
+        (see :meth:`Transformer.branches_hidden`).
+        """
+        if self.head.cfg.q_type:
+            raise ValueError("score_branches is for V-type value models; a Q-type model scores every token already")
+        hidden, branches = self.backbone.branches_hidden(input_ids, attention_mask, branch_ids)
+        return self.head(hidden), self.head(branches)
+
     def commit_candidate(self, cache: KVCache, candidate_kv, choice: jax.Array, active: jax.Array | None = None):
         """Append the chosen candidate (index ``choice [B]``) of :meth:`score_candidates` to the cache."""
         return self.backbone.commit_candidate(cache, candidate_kv, choice, active)
