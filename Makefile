@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install --disable-pip-version-check -q
 
-.PHONY: install install-dev test demo bench clean
+.PHONY: install install-dev test demo tabular bench clean
 
 install: $(VENV)/.runtime-installed
 install-dev: $(VENV)/.dev-installed
@@ -28,7 +28,12 @@ PYTEST_WORKERS ?= auto
 test: install-dev
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS)
 
+# the star-graph experiment end to end (π_ref pretraining, Q♯, CD, REINFORCE, DPO, RPO) into runs/demo
 demo: install
+	$(VENV)/bin/qsharp star-graph experiments/star_graph/demo.yaml
+
+# the exact tabular check of Q♯ against π* (seconds)
+tabular: install
 	$(VENV)/bin/qsharp tabular --config experiments/tabular/config.yaml
 
 bench: install-dev

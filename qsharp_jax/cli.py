@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from qsharp_jax import config
@@ -37,6 +38,18 @@ def _train(args: argparse.Namespace) -> int:
               f"{h['ref_reward']:>12.3f} {h['guided_kl']:>7.3f}")
     print(f"run directory: {cfg.run_dir} (metrics.jsonl, tensorboard/, checkpoints/, data/)")
     print(f"plot: {plotting.plot_run(cfg.run_dir)}")
+    return 0
+
+
+def _star_graph(args: argparse.Namespace) -> int:
+    from qsharp_jax import star_graph_experiment as exp
+
+    cfg = config.load(exp.StarGraphConfig, args.config, args.overrides)
+    results = exp.run(cfg)
+    print()
+    print(exp.write_table(results, Path(cfg.run_dir) / "results.md"))
+    total = sum(results["seconds"].values())
+    print(f"{total / 60:.1f} min of compute; run directory: {cfg.run_dir} (results.json, results.md, accuracy.png)")
     return 0
 
 
@@ -75,6 +88,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     train.add_argument("config", nargs="?", help="YAML file with TrainConfig fields")
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. algorithm.eta=0.05 run_dir=runs/x")
     train.set_defaults(func=_train)
+    star = sub.add_parser("star-graph", help="the star-graph experiment: π_ref pretraining, Q♯, CD, REINFORCE, DPO, RPO")
+    star.add_argument("config", nargs="?", help="YAML file with StarGraphConfig fields (experiments/star_graph/)")
+    star.add_argument("overrides", nargs="*", help="key=value overrides, e.g. graph.degree=5 run_dir=runs/g55")
+    star.set_defaults(func=_star_graph)
     ev = sub.add_parser("eval", help="evaluate a run's newest checkpoint (guided and π_ref)")
     ev.add_argument("run_dir")
     ev.set_defaults(func=_eval)

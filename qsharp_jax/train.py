@@ -19,9 +19,11 @@ from typing import Any, Callable, Literal
 
 import chex
 import jax
+import numpy as np
 import jax.numpy as jnp
 import optax
 from flax import nnx, struct
+from tqdm import tqdm
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from qsharp_jax import losses
@@ -284,6 +286,47 @@ def make_train_epoch(
     """
     step = _step_fn(loss_fn, optimizer)
     return jax.jit(lambda state, batches: jax.lax.scan(step, state, batches), donate_argnums=0)
+
+
+def fit_epochs(
+    state: TrainState,
+    train_epoch: Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]],
+    data: dict[str, Any],
+    *,
+    epochs: int,
+    batch_size: int,
+    rng: np.random.Generator,
+    desc: str = "fit",
+    progress: bool = True,
+    chunk: int = 200,
+) -> tuple[TrainState, dict[str, float]]:
+    """Shuffle ``data`` (a pytree of arrays with a shared leading example axis) every epoch and run
+    :func:`make_train_epoch`'s ``train_epoch`` on it, ``chunk`` steps per call. The last partial
+    batch of an epoch is dropped (static shapes; a different one each epoch). Returns the state and
+    the last epoch's mean metrics.
+    """
+    leaves = jax.tree.leaves(data)
+    n = len(leaves[0])
+    if any(len(x) != n for x in leaves):
+        raise ValueError(f"data arrays must share their leading (example) axis; got {[len(x) for x in leaves]}")
+    if n < batch_size:
+        raise ValueError(f"{n} examples are fewer than one batch of {batch_size}; lower batch_size")
+    steps = n // batch_size
+    metrics: dict[str, float] = {}
+    bar = tqdm(total=epochs * steps, desc=desc, disable=not progress, leave=False)
+    for _ in range(epochs):
+        order = rng.permutation(n)[: steps * batch_size].reshape(steps, batch_size)
+        outs = []
+        # scans of at most `chunk` steps: a live progress bar and a bounded device copy of the data
+        for start in range(0, steps, chunk):
+            index = order[start : start + chunk]
+            state, out = train_epoch(state, jax.tree.map(lambda x: jnp.asarray(np.asarray(x)[index]), data))
+            outs.append(out)
+            bar.update(len(index))
+            bar.set_postfix(loss=f"{float(out['loss'][-1]):.4f}")
+        metrics = {k: float(np.mean(np.concatenate([np.asarray(o[k]) for o in outs]))) for k in outs[0]}
+    bar.close()
+    return state, metrics
 
 
 def make_train_step(

@@ -184,6 +184,18 @@ def value_from_hf(
     return nnx.merge(graphdef, state)
 
 
+def value_from_reference(reference: Transformer, head: HeadConfig, *, seed: int = 0) -> ValueModel:
+    """A value model whose backbone starts as a copy of ``reference`` (its LM head dropped) and whose
+    head is fresh: for a π_ref trained in the same run, what :func:`value_from_hf` is for a saved
+    LM. The copy is independent: training the value model leaves ``reference`` untouched."""
+    cfg = reference.cfg
+    value = ValueModel(cfg, head, dtype=reference.dtype, rngs=nnx.Rngs(seed))
+    params = nnx.to_pure_dict(nnx.state(reference))
+    params.pop("lm_head", None)  # the value backbone ties its (unused) LM head away
+    nnx.update(value.backbone, jax.tree.map(jnp.copy, params))
+    return value
+
+
 def _values(shardings: Any) -> Any:
     """Strip Variable boxes so a sharding tree matches a plain state's leaves."""
     return jax.tree.map(

@@ -1,0 +1,57 @@
+"""The star-graph harness end to end on a miniature graph: every method runs, results are written
+and resumed, bad configs are refused."""
+
+import json
+
+import numpy as np
+import pytest
+
+from qsharp_jax import config, qsharp
+from qsharp_jax import star_graph_experiment as exp
+
+TINY = dict(
+    graph={"degree": 2, "path_length": 3, "num_nodes": 5}, train_graphs=600, test_graphs=64, eval_batch=64,
+    reference={"architecture": "gpt2", "vocab_size": 11, "hidden_size": 16, "num_layers": 1, "num_heads": 2,
+               "mlp_dim": 32, "max_positions": 32},
+    pretrain={"epochs": 2, "batch_size": 64},
+    qsharp={"iterations": 1, "prompts_per_iteration": 64, "samples_per_prompt": 2, "max_new_tokens": 6,
+            "epochs": 1, "batch_size": 64},
+    reinforce={"steps": 2, "batch_size": 32}, preference={"pairs": 128, "epochs": 1, "batch_size": 32},
+)
+
+
+def tiny(tmp_path, **changes):
+    overrides = [f"run_dir={tmp_path}"] + [f"{k}={json.dumps(v)}" for k, v in {**TINY, **changes}.items()]
+    return config.load(exp.StarGraphConfig, None, overrides)
+
+
+def test_every_method_runs_and_results_are_written_then_resumed(tmp_path, monkeypatch):
+    cfg = tiny(tmp_path)
+    results = exp.run(cfg, progress=False)
+    assert results["graph"] == {"degree": 2, "path_length": 3, "num_nodes": 5}
+    assert set(results["methods"]) == set(exp.METHODS)
+    for name, m in results["methods"].items():
+        assert set(m) == {"test_accuracy", "first_step_accuracy", "kl"}
+        assert 0 <= m["test_accuracy"] <= m["first_step_accuracy"] + 1e-9 <= 1 + 1e-9, name
+        assert np.isfinite(m["kl"]) and m["kl"] >= 0
+    assert json.loads((tmp_path / "results.json").read_text())["methods"] == results["methods"]
+    table = (tmp_path / "results.md").read_text()
+    assert all(label in table for label in exp.LABELS.values())
+    assert (tmp_path / "accuracy.png").stat().st_size > 1000
+    # a second run finds every result and trains nothing
+    monkeypatch.setattr(exp, "evaluate", lambda *a, **k: pytest.fail("re-evaluated a finished method"))
+    monkeypatch.setattr(qsharp, "run", lambda *a, **k: pytest.fail("re-ran Algorithm 1"))
+    assert exp.run(cfg, progress=False)["methods"] == results["methods"]
+    with pytest.raises(ValueError, match="holds results of another config"):
+        exp.run(tiny(tmp_path, seed=1), progress=False)
+
+
+def test_bad_configs_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="unknown methods"):
+        tiny(tmp_path, methods=["ppo"])
+    with pytest.raises(ValueError, match="set qsharp.max_new_tokens=6"):
+        tiny(tmp_path, qsharp={**TINY["qsharp"], "max_new_tokens": 8})
+    with pytest.raises(ValueError, match="set reference.vocab_size=11"):
+        tiny(tmp_path, reference={**TINY["reference"], "vocab_size": 12})
+    with pytest.raises(ValueError, match=r"needs degree·\(path_length−1\)\+1 = 7"):
+        tiny(tmp_path, graph={"degree": 3, "path_length": 3, "num_nodes": 5})
