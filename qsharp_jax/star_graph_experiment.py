@@ -117,6 +117,16 @@ class StarGraphConfig:
 # --------------------------------------------------------------------------- evaluation
 
 
+def sample(cfg: StarGraphConfig, model: Transformer, prompts: np.ndarray, key: jax.Array, **guided) -> rollout.Rollout:
+    """Answers to ``prompts`` from ``model`` (guided by ``guided``'s value model, if any), decoded as
+    every method is evaluated: top-k and temperature of ``cfg.qsharp``, up to the answer length."""
+    vocab = sg.Vocabulary(cfg.graph.num_nodes)
+    return rollout.generate(
+        model, prompts, np.ones(prompts.shape, bool), key=key, max_new_tokens=cfg.graph.answer_length,
+        top_k=cfg.qsharp.top_k, temperature=cfg.qsharp.temperature, eos_id=vocab.eos, pad_id=vocab.pad, **guided,
+    )
+
+
 def evaluate(
     cfg: StarGraphConfig, split: sg.Split, ref: Transformer, *, policy_model: Transformer | None = None,
     value_model=None, guidance: str | None = None, progress: bool = True, desc: str = "evaluate",
@@ -127,7 +137,6 @@ def evaluate(
     "cd", η and top-k of ``cfg.qsharp``), or a trained ``policy_model``.
     """
     algo, g = cfg.qsharp, cfg.graph
-    vocab = sg.Vocabulary(g.num_nodes)
     n = len(split.prompts)
     rewards, first, kls = [], [], []
     kl_fn = jax.jit(lambda m, r, *a: policy.sampled_kl(m, r, *a, top_k=algo.top_k, temperature=algo.temperature))
@@ -135,11 +144,8 @@ def evaluate(
         prompts = split.prompts[start : start + cfg.eval_batch]
         mask = np.ones(prompts.shape, bool)
         guided = {} if value_model is None else dict(value_model=value_model, guidance=guidance, eta=algo.eta)
-        out = rollout.generate(
-            policy_model if policy_model is not None else ref, prompts, mask,
-            key=jax.random.fold_in(jax.random.key(cfg.seed + 7), start), max_new_tokens=g.answer_length,
-            top_k=algo.top_k, temperature=algo.temperature, eos_id=vocab.eos, pad_id=vocab.pad, **guided,
-        )
+        out = sample(cfg, policy_model if policy_model is not None else ref, prompts,
+                     jax.random.fold_in(jax.random.key(cfg.seed + 7), start), **guided)
         r, f = sg.score(g, split.answers[start : start + cfg.eval_batch], np.asarray(out.tokens), np.asarray(out.mask))
         rewards.append(r)
         first.append(f)
@@ -194,7 +200,6 @@ def _copy(model: Transformer) -> Transformer:
 def train_reinforce(cfg: StarGraphConfig, ref: Transformer, train_split: sg.Split, progress: bool = True) -> Transformer:
     """REINFORCE from π_ref on freshly sampled answers every step (on-policy)."""
     rc, g = cfg.reinforce, cfg.graph
-    vocab = sg.Vocabulary(g.num_nodes)
     optimizer = train.make_optimizer(rc.optimizer)
     state = train.init_state(_copy(ref), optimizer, jax.random.key(cfg.seed))
     step = train.make_train_step(reinforce.reinforce_loss, optimizer)
@@ -203,11 +208,7 @@ def train_reinforce(cfg: StarGraphConfig, ref: Transformer, train_split: sg.Spli
     for i in bar:
         index = rng.integers(0, len(train_split.prompts), size=rc.batch_size)
         prompts = train_split.prompts[index]
-        out = rollout.generate(
-            state.model(), prompts, np.ones(prompts.shape, bool), key=jax.random.fold_in(jax.random.key(cfg.seed + 3), i),
-            max_new_tokens=g.answer_length, top_k=cfg.qsharp.top_k, temperature=cfg.qsharp.temperature,
-            eos_id=vocab.eos, pad_id=vocab.pad,
-        )
+        out = sample(cfg, state.model(), prompts, jax.random.fold_in(jax.random.key(cfg.seed + 3), i))
         correct, _ = sg.score(g, train_split.answers[index], np.asarray(out.tokens), np.asarray(out.mask))
         batch = _answer_batch(prompts, np.asarray(out.tokens))
         batch["attention_mask"][:, prompts.shape[1] :] = np.asarray(out.mask)
@@ -221,17 +222,12 @@ def preference_pairs(cfg: StarGraphConfig, ref: Transformer, train_split: sg.Spl
     """Chosen = the true path, rejected = a wrong π_ref sample of the same prompt (prompts whose
     sample was right are skipped), with π_ref's sequence log-probs of both."""
     pc, g = cfg.preference, cfg.graph
-    vocab = sg.Vocabulary(g.num_nodes)
     count = min(pc.pairs, len(train_split.prompts))
     prompts, answers = train_split.prompts[:count], train_split.answers[:count]
     samples, masks = [], []
     for start in tqdm(range(0, count, cfg.eval_batch), desc="π_ref samples for DPO", disable=not progress, leave=False):
         chunk = prompts[start : start + cfg.eval_batch]
-        out = rollout.generate(
-            ref, chunk, np.ones(chunk.shape, bool), key=jax.random.fold_in(jax.random.key(cfg.seed + 4), start),
-            max_new_tokens=g.answer_length, top_k=cfg.qsharp.top_k, temperature=cfg.qsharp.temperature,
-            eos_id=vocab.eos, pad_id=vocab.pad,
-        )
+        out = sample(cfg, ref, chunk, jax.random.fold_in(jax.random.key(cfg.seed + 4), start))
         samples.append(np.asarray(out.tokens))
         masks.append(np.asarray(out.mask))
     samples, masks = np.concatenate(samples), np.concatenate(masks)

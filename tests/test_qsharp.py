@@ -7,7 +7,6 @@ import subprocess
 import sys
 import time
 
-import jax
 import numpy as np
 import pytest
 from flax import nnx
