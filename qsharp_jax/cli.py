@@ -49,7 +49,7 @@ def _star_graph(args: argparse.Namespace) -> int:
     print()
     print(exp.write_table(results, Path(cfg.run_dir) / "results.md"))
     total = sum(results["seconds"].values())
-    print(f"{total / 60:.1f} min of compute; run directory: {cfg.run_dir} (results.json, results.md, accuracy.png)")
+    print(f"{total / 60:.1f} min (wall clock, all methods); run directory: {cfg.run_dir} (results.json, results.md, accuracy.png)")
     return 0
 
 

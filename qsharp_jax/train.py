@@ -1,8 +1,11 @@
-"""Fitting value models: optimizer, train state and a jitted (optionally sharded) train step.
+"""Fitting value models (and policies): optimizer, train state, jitted (optionally sharded) train
+steps and scanned epochs.
 
 Everything here is pure: ``train_step(state, batch) -> (state, metrics)`` with the state donated.
 Parameters are a plain nested dict of arrays (``nnx.to_pure_dict``), so the optimizer state and
-every sharding are ordinary pytrees; ``model_of(state)`` rebuilds the NNX module when needed.
+every sharding are ordinary pytrees; ``state.model()`` rebuilds the NNX module when needed. The
+state and steps work for any NNX module and loss: the policy objectives of ``qsharp_jax.policy``
+and ``qsharp_jax.baselines`` use them too.
 
 A value-training batch is a dict of arrays (all ``[N, T]`` unless noted):
 
@@ -19,12 +22,12 @@ from typing import Any, Callable, Literal
 
 import chex
 import jax
-import numpy as np
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx, struct
-from tqdm import tqdm
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from tqdm import tqdm
 
 from qsharp_jax import losses
 from qsharp_jax import sharding as sharding_lib
@@ -84,12 +87,12 @@ class TrainState:
     rng: jax.Array
     graphdef: nnx.GraphDef = struct.field(pytree_node=False)
 
-    def model(self) -> ValueModel:
-        """The NNX value model with these parameters."""
+    def model(self) -> nnx.Module:
+        """The NNX module (value model or policy) with these parameters."""
         return nnx.merge(self.graphdef, self.params)
 
 
-def init_state(model: ValueModel, optimizer: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+def init_state(model: nnx.Module, optimizer: optax.GradientTransformation, rng: jax.Array) -> TrainState:
     graphdef, state = nnx.split(model)
     params = nnx.to_pure_dict(state)
     return TrainState(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32), rng=rng,
@@ -177,6 +180,9 @@ def bellman_value_loss(model: ValueModel, batch: Batch, *, atoms: jax.Array | No
     atoms = jnp.linspace(0.0, 1.0, head.num_atoms) if atoms is None else atoms
     last = tokens.shape[1] - 1 - jnp.argmax(attention[:, ::-1], axis=1)  # last real token of each row
     if head.q_type:
+        if "ref_logits" not in batch:
+            raise ValueError("a Q-type categorical_bellman batch needs 'ref_logits' (π_ref's next-token logits "
+                             "[N, T, V]; see train.reference_inputs)")
         chex.assert_shape(batch["ref_logits"], (*tokens.shape, model.vocab_size),
                           custom_message="batch['ref_logits'] must be [N, T, V]")
         out = model(tokens, attention)  # [N, T, V, K]

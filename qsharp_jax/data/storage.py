@@ -110,7 +110,6 @@ class RolloutStore:
                 parts.setdefault(key, []).append(array)
         return {key: _concatenate(arrays) for key, arrays in parts.items()}
 
-
     def _read(self, shard: dict) -> dict[str, np.ndarray]:
         file = self.path / shard["file"]
         try:
