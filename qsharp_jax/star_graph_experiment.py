@@ -213,7 +213,7 @@ def train_reinforce(cfg: StarGraphConfig, ref: Transformer, train_split: sg.Spli
         batch = _answer_batch(prompts, np.asarray(out.tokens))
         batch["attention_mask"][:, prompts.shape[1] :] = np.asarray(out.mask)
         batch["rewards"] = np.asarray(reinforce.shaped_rewards(correct, right=rc.right, wrong=rc.wrong))
-        state, metrics = step(state, {k: jnp.asarray(v) for k, v in batch.items()})
+        state, _ = step(state, {k: jnp.asarray(v) for k, v in batch.items()})
         bar.set_postfix(accuracy=f"{correct.mean():.2f}")
     return state.model()
 
@@ -232,6 +232,9 @@ def preference_pairs(cfg: StarGraphConfig, ref: Transformer, train_split: sg.Spl
         masks.append(np.asarray(out.mask))
     samples, masks = np.concatenate(samples), np.concatenate(masks)
     wrong = sg.score(g, answers, samples, masks)[0] == 0
+    if not wrong.any():
+        raise ValueError(f"π_ref answered all {count} preference prompts correctly: there is no rejected answer for "
+                         "DPO/RPO (raise preference.pairs, or leave dpo/rpo out of methods)")
     chosen = _answer_batch(prompts[wrong], answers[wrong])
     rejected = _answer_batch(prompts[wrong], samples[wrong])
     rejected["attention_mask"][:, prompts.shape[1] :] = masks[wrong]
@@ -310,10 +313,10 @@ def run(cfg: StarGraphConfig, *, progress: bool = True) -> dict[str, Any]:
     if {"dpo", "rpo"} & set(todo):
         started = time.time()
         pairs = preference_pairs(cfg, ref, train_split, progress)
-        for name, weight in (("dpo", 0.0), ("rpo", cfg.preference.rpo_nll_weight)):
+        for offset, (name, weight) in enumerate((("dpo", 0.0), ("rpo", cfg.preference.rpo_nll_weight))):
             if name in todo:
-                model = train_preference(cfg, ref, pairs, nll_weight=weight, seed=cfg.seed + len(name), progress=progress,
-                                         desc=LABELS[name])
+                model = train_preference(cfg, ref, pairs, nll_weight=weight, seed=cfg.seed + 1 + offset,
+                                         progress=progress, desc=LABELS[name])
                 record(name, started, evaluate(cfg, test_split, ref, policy_model=model, progress=progress,
                                                desc=f"evaluate {LABELS[name]}"))
                 started = time.time()

@@ -55,3 +55,12 @@ def test_bad_configs_are_refused(tmp_path):
         tiny(tmp_path, reference={**TINY["reference"], "vocab_size": 12})
     with pytest.raises(ValueError, match=r"needs degree·\(path_length−1\)\+1 = 7"):
         tiny(tmp_path, graph={"degree": 3, "path_length": 3, "num_nodes": 5})
+
+
+def test_preference_pairs_need_a_wrong_sample(tmp_path, monkeypatch):
+    cfg = tiny(tmp_path)
+    train, _ = exp.sg.make_splits(cfg.graph, train=64, test=8, seed=0)
+    ref = exp.build_reference(cfg.reference)
+    monkeypatch.setattr(exp.sg, "score", lambda g, answers, *a: (np.ones(len(answers)), np.ones(len(answers))))
+    with pytest.raises(ValueError, match="no rejected answer for DPO/RPO"):
+        exp.preference_pairs(cfg, ref, train, progress=False)
