@@ -173,7 +173,10 @@ def pretrain_reference(cfg: StarGraphConfig, train_split: sg.Split, progress: bo
     model = build_reference(cfg.reference)
     optimizer = train.make_optimizer(cfg.pretrain.optimizer)
     state = train.init_state(model, optimizer, jax.random.key(cfg.seed))
-    meta_config = json.loads(json.dumps(dataclasses.asdict(cfg.pretrain) | {"reference": dataclasses.asdict(cfg.reference)}))
+    # π_ref depends on its data too: a checkpoint trained on other graphs is refused, not reused
+    meta_config = json.loads(json.dumps(dataclasses.asdict(cfg.pretrain) | {
+        "reference": dataclasses.asdict(cfg.reference), "graph": dataclasses.asdict(cfg.graph),
+        "train_graphs": cfg.train_graphs, "seed": cfg.seed}))
     checkpoints = Checkpoints(Path(cfg.run_dir) / "reference", keep=1)
     restored = checkpoints.restore(state, meta_config)
     if restored is not None:
