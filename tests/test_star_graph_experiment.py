@@ -64,3 +64,11 @@ def test_preference_pairs_need_a_wrong_sample(tmp_path, monkeypatch):
     monkeypatch.setattr(exp.sg, "score", lambda g, answers, *a: (np.ones(len(answers)), np.ones(len(answers))))
     with pytest.raises(ValueError, match="no rejected answer for DPO/RPO"):
         exp.preference_pairs(cfg, ref, train, progress=False)
+
+
+@pytest.mark.parametrize("name", ["demo", "g2_5_small", "g2_5", "g5_5", "g3_8"])
+def test_shipped_configs_load(name):
+    from pathlib import Path
+
+    cfg = config.load(exp.StarGraphConfig, Path(__file__).parent.parent / "experiments/star_graph" / f"{name}.yaml")
+    assert cfg.qsharp.max_new_tokens == cfg.graph.answer_length and cfg.qsharp.eta == 0.1 and cfg.qsharp.top_k == 10
