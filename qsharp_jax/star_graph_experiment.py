@@ -116,6 +116,10 @@ class StarGraphConfig:
 
 # --------------------------------------------------------------------------- evaluation
 
+# jitted once here, not per call: each evaluation and each preference set reuses the compilation
+_sampled_kl = jax.jit(policy.sampled_kl, static_argnames=("top_k", "temperature"))
+_sequence_logprobs = jax.jit(policy.sequence_logprobs)
+
 
 def sample(cfg: StarGraphConfig, model: Transformer, prompts: np.ndarray, key: jax.Array, **guided) -> rollout.Rollout:
     """Answers to ``prompts`` from ``model`` (guided by ``guided``'s value model, if any), decoded as
@@ -139,7 +143,6 @@ def evaluate(
     algo, g = cfg.qsharp, cfg.graph
     n = len(split.prompts)
     rewards, first, kls = [], [], []
-    kl_fn = jax.jit(lambda m, r, *a: policy.sampled_kl(m, r, *a, top_k=algo.top_k, temperature=algo.temperature))
     for start in tqdm(range(0, n, cfg.eval_batch), desc=desc, disable=not progress, leave=False):
         prompts = split.prompts[start : start + cfg.eval_batch]
         mask = np.ones(prompts.shape, bool)
@@ -152,7 +155,8 @@ def evaluate(
         if policy_model is None:
             kls.append(np.asarray(out.kl))
         else:
-            kls.append(np.asarray(kl_fn(policy_model, ref, jnp.asarray(prompts), jnp.asarray(mask), out.tokens, out.mask)))
+            kls.append(np.asarray(_sampled_kl(policy_model, ref, jnp.asarray(prompts), jnp.asarray(mask), out.tokens,
+                                              out.mask, top_k=algo.top_k, temperature=algo.temperature)))
     return {"test_accuracy": float(np.concatenate(rewards).mean()),
             "first_step_accuracy": float(np.concatenate(first).mean()),
             "kl": float(np.concatenate(kls).mean())}
@@ -241,9 +245,8 @@ def preference_pairs(cfg: StarGraphConfig, ref: Transformer, train_split: sg.Spl
     chosen = _answer_batch(prompts[wrong], answers[wrong])
     rejected = _answer_batch(prompts[wrong], samples[wrong])
     rejected["attention_mask"][:, prompts.shape[1] :] = masks[wrong]
-    logp = jax.jit(lambda m, b: policy.sequence_logprobs(m, b))
     ref_of = lambda b: np.concatenate([  # noqa: E731
-        np.asarray(logp(ref, {k: jnp.asarray(v[i : i + cfg.eval_batch]) for k, v in b.items()}))
+        np.asarray(_sequence_logprobs(ref, {k: jnp.asarray(v[i : i + cfg.eval_batch]) for k, v in b.items()}))
         for i in range(0, len(b["tokens"]), cfg.eval_batch)
     ])
     return {"chosen": chosen, "rejected": rejected, "ref_chosen": ref_of(chosen), "ref_rejected": ref_of(rejected)}

@@ -216,7 +216,7 @@ def score(cfg: GraphConfig, answers: np.ndarray, completions: np.ndarray, mask: 
     padded = np.full((n, max(width, cfg.answer_length)), vocab.pad, np.int64)
     padded[:, :width] = completions
     path_ok = np.all(padded[:, :body] == answers[:, :body], axis=1)
-    ends = (padded[:, body] == vocab.eos) | (padded[:, body] == vocab.pad) & (width == body)
+    ends = (padded[:, body] == vocab.eos) | ((padded[:, body] == vocab.pad) & (width == body))
     first = np.all(padded[:, :3] == answers[:, :3], axis=1)
     return (path_ok & ends).astype(np.float32), first.astype(np.float32)
 
@@ -254,7 +254,7 @@ def paths_from_prompts(cfg: GraphConfig, prompts: np.ndarray) -> np.ndarray:
     n = len(prompts)
     heads, tails = prompts[:, 0 : 4 * cfg.num_edges : 4], prompts[:, 2 : 4 * cfg.num_edges : 4]
     source, goal = prompts[:, -4], prompts[:, -2]
-    pred = np.full((n, cfg.num_nodes + 6), -1, np.int64)
+    pred = np.full((n, Vocabulary(cfg.num_nodes).size), -1, np.int64)
     pred[np.arange(n)[:, None], tails] = heads
     path = np.empty((n, cfg.path_length), np.int64)
     path[:, -1] = goal
