@@ -43,7 +43,7 @@ from qsharp_jax.train import (
     bellman_value_loss,
     init_state,
     make_optimizer,
-    make_train_step,
+    make_train_epoch,
     reference_inputs,
     state_shardings,
     value_loss,
@@ -129,17 +129,17 @@ def run(
         ref = sharding_lib.place(ref, mesh)
         fresh = jax.device_put(fresh, state_shardings(fresh, mesh))
     if cfg.loss == "categorical_bellman":
-        train_step = make_train_step(bellman_value_loss, optimizer, mesh, fresh)
-        ref_graph, ref_state = nnx.split(ref)
+        ref_graph, extra = nnx.split(ref)
         top_k = None if value.head_cfg.q_type else cfg.top_k
-        ref_inputs = jax.jit(lambda state, tokens, mask: reference_inputs(nnx.merge(ref_graph, state), tokens, mask,
-                                                                          top_k=top_k))
 
-        def augment(batch):  # π_ref is frozen: what the targets need from it is an input of the step
-            return {**batch, **ref_inputs(ref_state, batch["tokens"], batch["attention_mask"])}
+        def prepare(ref_state, batch):  # π_ref is frozen: what the targets need from it joins each batch
+            return {**batch, **reference_inputs(nnx.merge(ref_graph, ref_state), batch["tokens"],
+                                                batch["attention_mask"], top_k=top_k)}
+
+        train_epoch = make_train_epoch(bellman_value_loss, optimizer, mesh, fresh, prepare=prepare)
     else:
-        train_step = make_train_step(lambda m, b: value_loss(m, b, kind=cfg.loss), optimizer, mesh, fresh)
-        augment = None
+        train_epoch = make_train_epoch(lambda m, b: value_loss(m, b, kind=cfg.loss), optimizer, mesh, fresh)
+        extra = None
 
     restored = checkpoints.restore(fresh, config)
     state, history = (restored[0], restored[1]["history"]) if restored else (fresh, [])
@@ -150,7 +150,7 @@ def run(
             store.append(iteration, _collect(cfg, task, ref, state, iteration))
         if not cfg.warm_start:  # a copy: the train step donates (consumes) its input state
             state = jax.tree.map(jnp.copy, fresh)
-        state, fit = _fit(cfg, state, train_step, store.load(), iteration, progress, augment)
+        state, fit = _fit(cfg, state, train_epoch, store.load(), iteration, progress, extra)
         metrics = {"iteration": iteration, "examples": len(store), **fit, **_evaluate(cfg, task, ref, state, iteration)}
         history.append(metrics)
         with SummaryWriter(str(run_dir / "tensorboard")) as writer:
@@ -188,8 +188,8 @@ def _collect(cfg: AlgorithmConfig, task: Task, ref: Transformer, state: TrainSta
     return _records(prompts, mask, out, switch, rewards, group)
 
 
-def _fit(cfg, state: TrainState, train_step, data: dict[str, np.ndarray], iteration: int, progress: bool,
-         augment=None):
+def _fit(cfg, state: TrainState, train_epoch, data: dict[str, np.ndarray], iteration: int, progress: bool,
+         extra=None, chunk: int = 200):
     if cfg.drop_no_variation:
         groups, inverse = np.unique(data["group"], return_inverse=True)
         lo = np.full(len(groups), np.inf)
@@ -211,19 +211,20 @@ def _fit(cfg, state: TrainState, train_step, data: dict[str, np.ndarray], iterat
         epoch = []
         order = rng.permutation(n)
         order = np.concatenate([order, np.full(batches * cfg.batch_size - n, -1)])  # pad: static shapes
-        for b in range(batches):
-            index = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-            batch = {k: data[k][np.maximum(index, 0)] for k in keys}
-            batch["loss_mask"] = batch["loss_mask"] & (index >= 0)[:, None]  # padding rows fit nothing
-            batch = {k: jnp.asarray(v) for k, v in batch.items()}
-            state, metrics = train_step(state, augment(batch) if augment else batch)
+        order = order.reshape(batches, cfg.batch_size)
+        # scans of at most `chunk` steps: no Python between steps, a live progress bar
+        for start in range(0, batches, chunk):
+            index = order[start : start + chunk]
+            steps = {k: data[k][np.maximum(index, 0)] for k in keys}
+            steps["loss_mask"] = steps["loss_mask"] & (index >= 0)[:, :, None]  # padding rows fit nothing
+            state, metrics = train_epoch(state, {k: jnp.asarray(v) for k, v in steps.items()}, extra)
             epoch.append(metrics)
-            bar.update()
-            bar.set_postfix(loss=f"{float(metrics['loss']):.4f}")
+            bar.update(len(index))
+            bar.set_postfix(loss=f"{float(metrics['loss'][-1]):.4f}")
     bar.close()
     # last epoch's means (weighted by batches: padding rows only shrink the last one)
-    return state, {"fit_examples": n, "fit_loss": float(np.mean([m["loss"] for m in epoch])),
-                   "fit_explained_variance": float(np.mean([m["explained_variance"] for m in epoch]))}
+    mean = lambda name: float(np.mean(np.concatenate([np.asarray(m[name]) for m in epoch])))  # noqa: E731
+    return state, {"fit_examples": n, "fit_loss": mean("loss"), "fit_explained_variance": mean("explained_variance")}
 
 
 def _evaluate(cfg: AlgorithmConfig, task: Task, ref: Transformer, state: TrainState, iteration: int) -> dict[str, float]:

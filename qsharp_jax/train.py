@@ -283,15 +283,43 @@ def _step_fn(loss_fn, optimizer):
 def make_train_epoch(
     loss_fn: Callable[[Any, Batch], tuple[jax.Array, dict[str, jax.Array]]],
     optimizer: optax.GradientTransformation,
-) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
-    """``train_epoch(state, batches) -> (state, metrics)``: many steps in one jitted ``lax.scan``.
+    mesh: Mesh | None = None,
+    state: TrainState | None = None,
+    *,
+    prepare: Callable[[Any, Batch], Batch] | None = None,
+) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+    """``train_epoch(state, batches, extra=None) -> (state, metrics)``: many steps in one jitted
+    ``lax.scan``.
 
     ``batches`` holds every array with a leading steps axis (``[S, B, ...]``); metrics come back
     per step (``[S]``). No Python runs between steps, which matters on a CPU where a small model's
-    step takes milliseconds. The state is donated.
+    step takes milliseconds. The state is donated. ``prepare(extra, batch) -> batch`` runs inside
+    every step before the loss, e.g. to add what a frozen π_ref (``extra``, its parameters) says
+    about the batch without materializing that for all steps at once.
+
+    With a ``mesh`` (and a ``state`` to read shapes from), parameters and optimizer slots keep their
+    logical-axis shardings and every batch is split over ``data``/``fsdp`` (axis 1 of ``batches``),
+    as :func:`make_train_step` does for one step; ``extra`` keeps the shardings it comes with.
     """
     step = _step_fn(loss_fn, optimizer)
-    return jax.jit(lambda state, batches: jax.lax.scan(step, state, batches), donate_argnums=0)
+
+    def epoch(state: TrainState, batches: Batch, extra: Any = None):
+        body = step if prepare is None else (lambda s, b: step(s, prepare(extra, b)))
+        return jax.lax.scan(body, state, batches)
+
+    if mesh is None:
+        return jax.jit(epoch, donate_argnums=0)
+    if state is None:
+        raise ValueError("make_train_epoch(mesh=...) needs `state` to derive the shardings")
+    shardings = state_shardings(state, mesh)
+    batch_sharding = NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp")))
+    jitted = jax.jit(epoch, out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())), donate_argnums=0)
+
+    def sharded_epoch(state: TrainState, batches: Batch, extra: Any = None):
+        # committed inputs carry their shardings into the jit: the state's are the step's
+        return jitted(jax.device_put(state, shardings), jax.device_put(batches, batch_sharding), extra)
+
+    return sharded_epoch
 
 
 def fit_epochs(

@@ -15,6 +15,7 @@ from qsharp_jax.train import (
     init_state,
     learning_rate_schedule,
     make_optimizer,
+    make_train_epoch,
     make_train_step,
     reference_inputs,
     state_shardings,
@@ -108,6 +109,40 @@ def test_sharded_step_equals_single_device():
     for a, b in zip(jax.tree.leaves(single.params), jax.tree.leaves(sharded.params)):
         np.testing.assert_allclose(a, b, atol=1e-5)
     np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("on_mesh", [False, True])
+def test_scanned_epoch_equals_steps_one_at_a_time(on_mesh):
+    """make_train_epoch = make_train_step applied batch by batch (sharded or not), with its
+    ``prepare`` hook run inside each step on that step's batch and the ``extra`` argument."""
+    optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-2, warmup_steps=2, decay_steps=10))
+    loss_fn = lambda m, b: value_loss(m, b)  # noqa: E731
+    batches = [toy_batch(n=8, seed=s) for s in range(4)]
+    fresh = lambda: init_state(ValueModel(CFG, HeadConfig(), rngs=nnx.Rngs(2)), optimizer, jax.random.key(0))  # noqa: E731
+
+    def flip(extra, batch):  # a hook that changes what is fitted: rewards become extra - rewards
+        return {**batch, "rewards": extra - batch["rewards"]}
+
+    step = make_train_step(lambda m, b: loss_fn(m, flip(1.0, b)), optimizer)
+    expected, per_step = fresh(), []
+    for batch in batches:
+        expected, metrics = step(expected, batch)
+        per_step.append(metrics["loss"])
+
+    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2) if on_mesh else None
+    state = fresh()
+    if mesh is not None:
+        state = jax.device_put(state, state_shardings(state, mesh))
+    epoch = make_train_epoch(loss_fn, optimizer, mesh, state, prepare=flip)
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *batches)  # [S, B, ...]
+    state, metrics = epoch(state, stacked, jnp.float32(1.0))
+    assert metrics["loss"].shape == (4,) and int(state.step) == 4
+    np.testing.assert_allclose(metrics["loss"], per_step, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(expected.params), jax.tree.leaves(state.params)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    if mesh is not None:
+        q = state.params["backbone"]["layers"][0]["q"]
+        assert q.sharding.spec == jax.sharding.PartitionSpec("tensor", None, "fsdp")
 
 
 def test_loss_kind_must_fit_the_head():
