@@ -37,6 +37,7 @@ tabular: install
 	$(VENV)/bin/qsharp tabular --config experiments/tabular/config.yaml
 
 bench: install-dev
+	$(PY) experiments/bench/fit_bench.py
 	$(PY) experiments/bench/rollout_bench.py
 
 clean:
