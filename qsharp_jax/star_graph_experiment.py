@@ -27,14 +27,14 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from qsharp_jax import policy, qsharp, rollout, train
+from qsharp_jax import losses, policy, qsharp, rollout, train
 from qsharp_jax.baselines import dpo, reinforce
 from qsharp_jax.checkpoint import Checkpoints
 from qsharp_jax.data import star_graph as sg
 from qsharp_jax.data.storage import atomic_write
 from qsharp_jax.models.build import ModelSpec, build_reference, build_value
 from qsharp_jax.models.transformer import Transformer
-from qsharp_jax.models.value import HeadConfig, value_from_reference
+from qsharp_jax.models.value import HeadConfig, ValueModel, value_from_reference
 from qsharp_jax.train import OptimizerConfig
 
 METHODS = ("pretrained", "qsharp", "cd", "reinforce", "dpo", "rpo")
@@ -75,6 +75,23 @@ class PreferenceConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ValuePretrainConfig:
+    """Reward-free warm-up of the value model before Algorithm 1: on random walks over each training
+    prompt's nodes, predict whether each step is an edge of the prompt (``sg.edge_walks``). It gives
+    the value model the pair-matching circuit that outcome labels alone do not find at laptop scale
+    (the paper's value model inherits such circuits from pretrained GPT-2); ``walks=0`` skips it."""
+
+    walks: int = 100_000
+    epochs: int = 1
+    batch_size: int = 64
+    optimizer: OptimizerConfig = OptimizerConfig(learning_rate=3e-3, weight_decay=0.0, warmup_steps=50)
+
+    def __post_init__(self):
+        if self.walks < 0 or self.epochs < 0:
+            raise ValueError(f"value_pretrain.walks and .epochs must be >= 0, got {self.walks} and {self.epochs}")
+
+
+@dataclasses.dataclass(frozen=True)
 class StarGraphConfig:
     run_dir: str = "runs/star_graph"
     graph: sg.GraphConfig = sg.GraphConfig()
@@ -90,6 +107,7 @@ class StarGraphConfig:
     # the value backbone starts as a copy of the pretrained π_ref (its edge look-ups come for free);
     # False: from `value` (a local Hugging Face LM through hf_path, or a fresh model of its sizes)
     value_from_reference: bool = True
+    value_pretrain: ValuePretrainConfig = ValuePretrainConfig()
     qsharp: qsharp.AlgorithmConfig = qsharp.AlgorithmConfig(eta=0.1, top_k=10)
     reinforce: ReinforceConfig = ReinforceConfig()
     preference: PreferenceConfig = PreferenceConfig()
@@ -101,6 +119,9 @@ class StarGraphConfig:
         if unknown:
             raise ValueError(f"unknown methods {unknown}; choose from {list(METHODS)}")
         vocab = sg.Vocabulary(self.graph.num_nodes).size
+        if self.value_pretrain.walks and self.head.q_type:
+            raise ValueError("value_pretrain fits a V-type value at each walk node; with a Q-type head set "
+                             "value_pretrain.walks=0")
         if self.qsharp.max_new_tokens != self.graph.answer_length:
             raise ValueError(f"qsharp.max_new_tokens={self.qsharp.max_new_tokens} but answers of "
                              f"G({self.graph.degree}, {self.graph.path_length}) have {self.graph.answer_length} tokens; "
@@ -193,6 +214,36 @@ def pretrain_reference(cfg: StarGraphConfig, train_split: sg.Split, progress: bo
             progress=progress,
         )
     checkpoints.save(0, state, {"config": meta_config})
+    return state.model()
+
+
+# --------------------------------------------------------------------------- value warm-up
+
+
+def walk_loss(model: ValueModel, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The value head's own loss (categorical / Bernoulli / MSE) against per-position labels
+    ``batch["returns"] [N, T]`` where ``batch["loss_mask"]``: the edge-walk warm-up's objective."""
+    out = model(batch["tokens"], batch["attention_mask"])
+    head, returns, mask = model.head_cfg, batch["returns"], batch["loss_mask"]
+    if head.kind == "categorical":
+        loss = losses.categorical_return_loss(out, returns, jnp.linspace(0.0, 1.0, head.num_atoms), mask)
+    elif head.kind == "bernoulli":
+        loss = losses.bernoulli_return_loss(out, returns, mask)
+    else:
+        loss = losses.mse_return_loss(out, returns, mask)
+    return loss, {}
+
+
+def pretrain_value(cfg: StarGraphConfig, value: ValueModel, train_split: sg.Split, progress: bool = True) -> ValueModel:
+    """``cfg.value_pretrain`` epochs of the edge-walk objective on walks after training prompts."""
+    vc = cfg.value_pretrain
+    rng = np.random.default_rng([cfg.seed, 6])
+    prompts = train_split.prompts[rng.integers(0, len(train_split.prompts), vc.walks)]
+    optimizer = train.make_optimizer(vc.optimizer)
+    state = train.init_state(value, optimizer, jax.random.key(cfg.seed + 6))
+    state, _ = train.fit_epochs(state, train.make_train_epoch(walk_loss, optimizer), sg.edge_walks(cfg.graph, prompts, rng),
+                                epochs=vc.epochs, batch_size=min(vc.batch_size, vc.walks), rng=rng,
+                                desc="value warm-up (edge walks)", progress=progress)
     return state.model()
 
 
@@ -303,6 +354,8 @@ def run(cfg: StarGraphConfig, *, progress: bool = True) -> dict[str, Any]:
         task = sg.StarGraphTask(g, train_split, test_split)
         value = value_from_reference(ref, cfg.head, seed=cfg.value.seed) if cfg.value_from_reference else \
             build_value(cfg.value, cfg.head)
+        if cfg.value_pretrain.walks:
+            value = pretrain_value(cfg, value, train_split, progress)
         qsharp.run(cfg.qsharp, task, ref, value, run_dir / "qsharp", progress=progress)
         state = Checkpoints(run_dir / "qsharp" / "checkpoints").restore(
             train.init_state(value, train.make_optimizer(cfg.qsharp.optimizer), jax.random.key(cfg.qsharp.seed)))[0]

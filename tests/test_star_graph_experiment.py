@@ -17,6 +17,7 @@ TINY = dict(
     qsharp={"iterations": 1, "prompts_per_iteration": 64, "samples_per_prompt": 2, "max_new_tokens": 6,
             "epochs": 1, "batch_size": 64},
     reinforce={"steps": 2, "batch_size": 32}, preference={"pairs": 128, "epochs": 1, "batch_size": 32},
+    value_pretrain={"walks": 128, "batch_size": 32},
 )
 
 
@@ -53,6 +54,10 @@ def test_bad_configs_are_refused(tmp_path):
         tiny(tmp_path, qsharp={**TINY["qsharp"], "max_new_tokens": 8})
     with pytest.raises(ValueError, match="set reference.vocab_size=11"):
         tiny(tmp_path, reference={**TINY["reference"], "vocab_size": 12})
+    with pytest.raises(ValueError, match="with a Q-type head set value_pretrain.walks=0"):
+        tiny(tmp_path, head={"kind": "categorical", "num_atoms": 11, "q_type": True})
+    with pytest.raises(ValueError, match="value_pretrain.walks and .epochs must be >= 0"):
+        tiny(tmp_path, value_pretrain={"walks": -1})
     with pytest.raises(ValueError, match=r"needs degree·\(path_length−1\)\+1 = 7"):
         tiny(tmp_path, graph={"degree": 3, "path_length": 3, "num_nodes": 5})
 

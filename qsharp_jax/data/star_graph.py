@@ -267,6 +267,48 @@ def paths_from_prompts(cfg: GraphConfig, prompts: np.ndarray) -> np.ndarray:
     return path
 
 
+def edge_walks(cfg: GraphConfig, prompts: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Reward-free auxiliary data: after each prompt, a walk ``x1,x2,…,xL`` (L = path_length) over
+    the prompt's nodes, each step following one of the current node's edges with probability 1/2
+    (when it has one) and jumping to a uniformly drawn node of the graph otherwise. The label of
+    node x_i (i ≥ 2) is whether (x_{i−1}, x_i) is an edge of the prompt — read off the prompt alone,
+    never from the answer or a reward.
+
+    Returns ``tokens`` int32 ``[n, P + 2L − 1]``, ``attention_mask`` bool, ``loss_mask`` bool (the
+    labelled nodes) and ``returns`` float32 (the labels there, 0 elsewhere), all ``[n, T]``.
+    """
+    prompts = np.asarray(prompts)
+    if prompts.ndim != 2 or prompts.shape[1] != cfg.prompt_length:
+        raise ValueError(f"prompts must be [n, {cfg.prompt_length}] for G({cfg.degree}, {cfg.path_length}), "
+                         f"got shape {prompts.shape}")
+    n, walk = len(prompts), cfg.path_length
+    heads, tails = prompts[:, 0 : 4 * cfg.num_edges : 4], prompts[:, 2 : 4 * cfg.num_edges : 4]  # [n, E]
+    nodes = np.concatenate([heads, tails], axis=1)  # every node of the graph (with repeats)
+    rows = np.arange(n)
+
+    def any_node():
+        return nodes[rows, rng.integers(0, nodes.shape[1], n)]
+
+    suffix = np.full((n, 2 * walk - 1), Vocabulary(cfg.num_nodes).comma, np.int64)
+    labels = np.zeros((n, 2 * walk - 1), np.float32)
+    labelled = np.zeros((n, 2 * walk - 1), bool)
+    current = suffix[:, 0] = any_node()
+    for i in range(1, walk):
+        out_edges = heads == current[:, None]  # [n, E]
+        # one of the current node's edges at random: the largest random score among them
+        pick = np.argmax(np.where(out_edges, rng.random(out_edges.shape), -1.0), axis=1)
+        follow = out_edges.any(axis=1) & (rng.random(n) < 0.5)
+        step = np.where(follow, tails[rows, pick], any_node())
+        labels[:, 2 * i] = ((heads == current[:, None]) & (tails == step[:, None])).any(axis=1)
+        labelled[:, 2 * i] = True
+        suffix[:, 2 * i] = current = step
+    tokens = np.concatenate([prompts, suffix], axis=1).astype(np.int32)
+    pad = np.zeros(prompts.shape, bool)
+    return {"tokens": tokens, "attention_mask": np.ones(tokens.shape, bool),
+            "loss_mask": np.concatenate([pad, labelled], axis=1),
+            "returns": np.concatenate([pad.astype(np.float32), labels], axis=1)}
+
+
 @dataclasses.dataclass(frozen=True)
 class StarGraphTask:
     """The driver's task (``qsharp_jax.qsharp.Task``): prompts from a train split, evaluation on
