@@ -77,3 +77,31 @@ def test_shipped_configs_load(name):
 
     cfg = config.load(exp.StarGraphConfig, Path(__file__).parent.parent / "experiments/star_graph" / f"{name}.yaml")
     assert cfg.qsharp.max_new_tokens == cfg.graph.answer_length and cfg.qsharp.eta == 0.1 and cfg.qsharp.top_k == 10
+
+
+def test_value_warm_up_learns_which_steps_are_edges(tmp_path):
+    """The edge-walk warm-up teaches the value model (a copy of a briefly pretrained π_ref) the
+    pair-matching relation on unseen graphs. Measured: 0.46 → 0.975 accuracy on test walks (0.72
+    with half the warm-up steps)."""
+    import jax
+    import jax.numpy as jnp
+
+    cfg = tiny(tmp_path, graph={"degree": 2, "path_length": 3, "num_nodes": 10}, train_graphs=20000,
+               reference={"architecture": "gpt2", "vocab_size": 16, "hidden_size": 32, "num_layers": 2, "num_heads": 4,
+                          "mlp_dim": 64, "max_positions": 32},
+               pretrain={"epochs": 2, "batch_size": 32, "optimizer": {"learning_rate": 3e-3, "weight_decay": 0.0}},
+               value_pretrain={"walks": 40000, "epochs": 2, "batch_size": 64})
+    train_split, test_split = exp.sg.make_splits(cfg.graph, train=cfg.train_graphs, test=500, seed=0)
+    walks = exp.sg.edge_walks(cfg.graph, test_split.prompts, np.random.default_rng(3))
+
+    def accuracy(value):
+        out = value(jnp.asarray(walks["tokens"]), jnp.asarray(walks["attention_mask"]))
+        p_edge = np.asarray(jax.nn.softmax(out) @ jnp.linspace(0, 1, cfg.head.num_atoms))
+        mask = walks["loss_mask"]
+        return float(((p_edge[mask] > 0.5) == (walks["returns"][mask] > 0.5)).mean())
+
+    ref = exp.pretrain_reference(cfg, train_split, progress=False)
+    value = exp.value_from_reference(ref, cfg.head, seed=1)
+    before = accuracy(value)
+    after = accuracy(exp.pretrain_value(cfg, value, train_split, progress=False))
+    assert before < 0.75 and after > 0.9, (before, after)
