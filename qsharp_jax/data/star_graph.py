@@ -299,7 +299,7 @@ def edge_walks(cfg: GraphConfig, prompts: np.ndarray, rng: np.random.Generator) 
         pick = np.argmax(np.where(out_edges, rng.random(out_edges.shape), -1.0), axis=1)
         follow = out_edges.any(axis=1) & (rng.random(n) < 0.5)
         step = np.where(follow, tails[rows, pick], any_node())
-        labels[:, 2 * i] = ((heads == current[:, None]) & (tails == step[:, None])).any(axis=1)
+        labels[:, 2 * i] = (out_edges & (tails == step[:, None])).any(axis=1)
         labelled[:, 2 * i] = True
         suffix[:, 2 * i] = current = step
     tokens = np.concatenate([prompts, suffix], axis=1).astype(np.int32)
