@@ -63,15 +63,12 @@ class Checkpoints:
         )
         for step in reversed(self.steps()):
             try:
-                restored = self._manager.restore(
-                    step,
-                    args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()),
-                )
+                # the config first: a run of another config may not even fit the template's shapes
+                meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
             except Exception as error:  # noqa: BLE001 - any unreadable checkpoint: try the previous one
                 warnings.warn(f"checkpoint {step} in {self.directory} cannot be read ({error!r}); "
                               "falling back to the previous one", stacklevel=2)
                 continue
-            meta = restored["meta"]
             if config is not None and meta.get("config") != config:
                 saved = meta.get("config") or {}
                 differ = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
@@ -80,6 +77,12 @@ class Checkpoints:
                     f"differ: {', '.join(f'{k} (saved {saved.get(k)!r}, now {config.get(k)!r})' for k in differ)}. "
                     "Use a new run directory, or the saved config."
                 )
+            try:
+                restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+            except Exception as error:  # noqa: BLE001
+                warnings.warn(f"checkpoint {step} in {self.directory} cannot be read ({error!r}); "
+                              "falling back to the previous one", stacklevel=2)
+                continue
             arrays = restored["state"]
             state = template.replace(
                 params=arrays["params"], opt_state=arrays["opt_state"], step=arrays["step"],

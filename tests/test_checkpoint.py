@@ -56,6 +56,21 @@ def test_config_mismatch_names_the_fields(tmp_path):
         ckpt.restore(state, {"eta": 0.5, "top_k": 10})
 
 
+def test_config_of_another_shape_is_named_not_skipped(tmp_path):
+    """A run of another config whose arrays do not even fit the template (here a wider model) is
+    refused by its config, not taken for a corrupt checkpoint and silently skipped."""
+    import dataclasses
+
+    ckpt = Checkpoints(tmp_path)
+    state, _ = trained_state(1)
+    ckpt.save(0, state, {"config": {"hidden_size": 16}})
+    wide = dataclasses.replace(CFG, hidden_size=32, head_dim=16)
+    template = init_state(ValueModel(wide, HeadConfig(), rngs=nnx.Rngs(0)), make_optimizer(OptimizerConfig()),
+                          jax.random.key(0))
+    with pytest.raises(ValueError, match=r"hidden_size \(saved 16, now 32\)"):
+        ckpt.restore(template, {"hidden_size": 32})
+
+
 def test_corrupt_newest_falls_back(tmp_path):
     ckpt = Checkpoints(tmp_path, keep=3)
     first, _ = trained_state(1)
