@@ -148,7 +148,7 @@ def run(
                           total=cfg.iterations):
         if iteration not in store.iterations():
             store.append(iteration, _collect(cfg, task, ref, state, iteration))
-        if not cfg.warm_start:  # a copy: the train step donates (consumes) its input state
+        if not cfg.warm_start:  # a copy: the train epoch donates (consumes) its input state
             state = jax.tree.map(jnp.copy, fresh)
         state, fit = _fit(cfg, state, train_epoch, store.load(), iteration, progress, extra)
         metrics = {"iteration": iteration, "examples": len(store), **fit, **_evaluate(cfg, task, ref, state, iteration)}
