@@ -61,14 +61,21 @@ class Checkpoints:
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
             _arrays(template),
         )
-        for step in reversed(self.steps()):
+
+        def read(step: int, **items):
             try:
-                # the config first: a run of another config may not even fit the template's shapes
-                meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+                return self._manager.restore(step, args=ocp.args.Composite(**items))
             except Exception as error:  # noqa: BLE001 - any unreadable checkpoint: try the previous one
                 warnings.warn(f"checkpoint {step} in {self.directory} cannot be read ({error!r}); "
-                              "falling back to the previous one", stacklevel=2)
+                              "falling back to the previous one", stacklevel=3)
+                return None
+
+        for step in reversed(self.steps()):
+            # the config first: a run of another config may not even fit the template's shapes
+            restored = read(step, meta=ocp.args.JsonRestore())
+            if restored is None:
                 continue
+            meta = restored["meta"]
             if config is not None and meta.get("config") != config:
                 saved = meta.get("config") or {}
                 differ = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
@@ -77,11 +84,8 @@ class Checkpoints:
                     f"differ: {', '.join(f'{k} (saved {saved.get(k)!r}, now {config.get(k)!r})' for k in differ)}. "
                     "Use a new run directory, or the saved config."
                 )
-            try:
-                restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
-            except Exception as error:  # noqa: BLE001
-                warnings.warn(f"checkpoint {step} in {self.directory} cannot be read ({error!r}); "
-                              "falling back to the previous one", stacklevel=2)
+            restored = read(step, state=ocp.args.StandardRestore(abstract))
+            if restored is None:
                 continue
             arrays = restored["state"]
             state = template.replace(

@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from qsharp_jax import losses, policy, qsharp, rollout, train
+from qsharp_jax import policy, qsharp, rollout, train
 from qsharp_jax.baselines import dpo, reinforce
 from qsharp_jax.checkpoint import Checkpoints
 from qsharp_jax.data import star_graph as sg
@@ -220,18 +220,13 @@ def pretrain_reference(cfg: StarGraphConfig, train_split: sg.Split, progress: bo
 # --------------------------------------------------------------------------- value warm-up
 
 
+_LOSS_OF_HEAD = {"categorical": "categorical", "bernoulli": "bernoulli", "scalar": "mse"}
+
+
 def walk_loss(model: ValueModel, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The value head's own loss (categorical / Bernoulli / MSE) against per-position labels
     ``batch["returns"] [N, T]`` where ``batch["loss_mask"]``: the edge-walk warm-up's objective."""
-    out = model(batch["tokens"], batch["attention_mask"])
-    head, returns, mask = model.head_cfg, batch["returns"], batch["loss_mask"]
-    if head.kind == "categorical":
-        loss = losses.categorical_return_loss(out, returns, jnp.linspace(0.0, 1.0, head.num_atoms), mask)
-    elif head.kind == "bernoulli":
-        loss = losses.bernoulli_return_loss(out, returns, mask)
-    else:
-        loss = losses.mse_return_loss(out, returns, mask)
-    return loss, {}
+    return train.value_loss(model, batch, kind=_LOSS_OF_HEAD[model.head_cfg.kind])
 
 
 def pretrain_value(cfg: StarGraphConfig, value: ValueModel, train_split: sg.Split, progress: bool = True) -> ValueModel:

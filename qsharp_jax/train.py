@@ -107,12 +107,20 @@ def value_loss(
     V-type: the output at position t is the value of the prefix ending at t. Q-type: the output at
     t for token a is the value of that prefix extended by a, so the prefix ending at t is read at
     position t - 1, token ``tokens[t]``.
+
+    The target of every fitted prefix is its sequence's ``rewards`` ``[N]``, or, when the batch has
+    ``returns`` float ``[N, T]`` instead, a target per prefix (e.g. auxiliary labels).
     """
     tokens, attention = batch["tokens"], batch["attention_mask"]
     chex.assert_rank(tokens, 2, custom_message="batch['tokens'] must be [N, T]")
     chex.assert_equal_shape([tokens, attention, batch["loss_mask"]],
                             custom_message="tokens, attention_mask and loss_mask must share [N, T]")
-    chex.assert_shape(batch["rewards"], tokens.shape[:1], custom_message="batch['rewards'] must be [N]")
+    if "returns" in batch:
+        chex.assert_shape(batch["returns"], tokens.shape, custom_message="batch['returns'] must be [N, T]")
+        returns = batch["returns"].astype(jnp.float32)
+    else:
+        chex.assert_shape(batch["rewards"], tokens.shape[:1], custom_message="batch['rewards'] must be [N]")
+        returns = jnp.broadcast_to(batch["rewards"][:, None].astype(jnp.float32), tokens.shape)
     head = model.head_cfg
     needs = {"categorical": "categorical", "bernoulli": "bernoulli", "mse": "scalar"}
     if kind not in needs:
@@ -125,8 +133,7 @@ def value_loss(
         nxt = tokens[:, 1:]
         index = nxt[:, :, None, None] if out.ndim == 4 else nxt[:, :, None]
         out = jnp.take_along_axis(out[:, :-1], index, axis=2)[:, :, 0]
-        mask = mask[:, 1:]
-    returns = jnp.broadcast_to(batch["rewards"][:, None], mask.shape).astype(jnp.float32)
+        mask, returns = mask[:, 1:], returns[:, 1:]
     if kind == "categorical":
         atoms = jnp.linspace(0.0, 1.0, head.num_atoms) if atoms is None else atoms
         loss = losses.categorical_return_loss(out, returns, atoms, mask)

@@ -69,6 +69,28 @@ def test_value_loss_matches_manual(q_type):
     assert metrics["fitted_tokens"] == mask.sum()
 
 
+@pytest.mark.parametrize("q_type", [False, True])
+def test_value_loss_with_a_target_per_prefix(q_type):
+    """``returns [N, T]`` instead of ``rewards [N]``: each fitted prefix has its own target."""
+    model = ValueModel(CFG, HeadConfig("categorical", 5, q_type=q_type), rngs=nnx.Rngs(0))
+    batch = toy_batch()
+    per_prefix = np.random.default_rng(1).random(batch["tokens"].shape).astype(np.float32)
+    loss, metrics = value_loss(model, {k: v for k, v in batch.items() if k != "rewards"} | {"returns": per_prefix})
+    out = np.asarray(model(batch["tokens"], batch["attention_mask"]))
+    mask = np.asarray(batch["loss_mask"] & batch["attention_mask"])
+    tokens, returns = np.asarray(batch["tokens"]), per_prefix
+    if q_type:  # the prefix ending at t is read at t-1, indexed by token t
+        n, t = tokens.shape
+        out = out[np.arange(n)[:, None], np.arange(t - 1)[None], tokens[:, 1:]]
+        mask, returns = mask[:, 1:], returns[:, 1:]
+    expected = losses.categorical_return_loss(jnp.asarray(out), jnp.asarray(returns), jnp.linspace(0, 1, 5),
+                                              jnp.asarray(mask))
+    np.testing.assert_allclose(loss, expected, rtol=1e-6)
+    assert metrics["fitted_tokens"] == mask.sum()
+    with pytest.raises(AssertionError, match=r"batch\['returns'\] must be \[N, T\]"):
+        value_loss(model, {**batch, "returns": per_prefix[:, :-1]})
+
+
 @pytest.mark.parametrize("kind,head", [("categorical", "categorical"), ("bernoulli", "bernoulli"), ("mse", "scalar")])
 def test_train_step_learns_the_planted_reward(kind, head):
     model = ValueModel(CFG, HeadConfig(head, 11), rngs=nnx.Rngs(1))

@@ -240,6 +240,14 @@ def save_tokenizer(cfg: GraphConfig, directory: str | Path) -> Path:
     return directory
 
 
+def _edges_of(cfg: GraphConfig, prompts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The edge list of each prompt: heads and tails int ``[n, edges]``, in prompt order."""
+    if prompts.ndim != 2 or prompts.shape[1] != cfg.prompt_length:
+        raise ValueError(f"prompts must be [n, {cfg.prompt_length}] for G({cfg.degree}, {cfg.path_length}), "
+                         f"got shape {prompts.shape}")
+    return prompts[:, 0 : 4 * cfg.num_edges : 4], prompts[:, 2 : 4 * cfg.num_edges : 4]
+
+
 def paths_from_prompts(cfg: GraphConfig, prompts: np.ndarray) -> np.ndarray:
     """int ``[n, path_length]``: the source-to-goal path read off each prompt's edge list.
 
@@ -248,11 +256,8 @@ def paths_from_prompts(cfg: GraphConfig, prompts: np.ndarray) -> np.ndarray:
     :func:`encode_prompts` for this ``cfg``).
     """
     prompts = np.asarray(prompts)
-    if prompts.ndim != 2 or prompts.shape[1] != cfg.prompt_length:
-        raise ValueError(f"prompts must be [n, {cfg.prompt_length}] for G({cfg.degree}, {cfg.path_length}), "
-                         f"got shape {prompts.shape}")
+    heads, tails = _edges_of(cfg, prompts)
     n = len(prompts)
-    heads, tails = prompts[:, 0 : 4 * cfg.num_edges : 4], prompts[:, 2 : 4 * cfg.num_edges : 4]
     source, goal = prompts[:, -4], prompts[:, -2]
     pred = np.full((n, Vocabulary(cfg.num_nodes).size), -1, np.int64)
     pred[np.arange(n)[:, None], tails] = heads
@@ -278,11 +283,8 @@ def edge_walks(cfg: GraphConfig, prompts: np.ndarray, rng: np.random.Generator) 
     labelled nodes) and ``returns`` float32 (the labels there, 0 elsewhere), all ``[n, T]``.
     """
     prompts = np.asarray(prompts)
-    if prompts.ndim != 2 or prompts.shape[1] != cfg.prompt_length:
-        raise ValueError(f"prompts must be [n, {cfg.prompt_length}] for G({cfg.degree}, {cfg.path_length}), "
-                         f"got shape {prompts.shape}")
+    heads, tails = _edges_of(cfg, prompts)
     n, walk = len(prompts), cfg.path_length
-    heads, tails = prompts[:, 0 : 4 * cfg.num_edges : 4], prompts[:, 2 : 4 * cfg.num_edges : 4]  # [n, E]
     nodes = np.concatenate([heads, tails], axis=1)  # every node of the graph (with repeats)
     rows = np.arange(n)
 
