@@ -83,7 +83,14 @@ class AlgorithmConfig:
     drop_no_variation: bool = False  # drop prompts whose samples all got the same reward
     seed: int = 0
     keep_checkpoints: int = 2
+    # rows per rollout.generate call: the KV caches of all of an iteration's rollouts at once can
+    # exceed memory (π_ref's and the value model's, and k candidates per row with V-type guidance)
+    rollout_batch: int = 4096
     optimizer: OptimizerConfig = OptimizerConfig(learning_rate=1e-3, weight_decay=0.0)
+
+    def __post_init__(self):
+        if self.rollout_batch < 1:
+            raise ValueError(f"rollout_batch must be >= 1 (rows per generate call), got {self.rollout_batch}")
 
 
 def _records(prompts, prompt_mask, out: rollout.Rollout, switch: np.ndarray, rewards, group) -> dict[str, np.ndarray]:
@@ -168,6 +175,22 @@ def _sampling(cfg: AlgorithmConfig, task: Task) -> dict[str, Any]:
                 eos_id=task.eos_id, pad_id=task.pad_id)
 
 
+def _generate(cfg: AlgorithmConfig, ref: Transformer, prompts, mask, key: jax.Array, **kwargs) -> rollout.Rollout:
+    """``rollout.generate`` over at most ``cfg.rollout_batch`` rows per call (chunk i samples with
+    ``fold_in(key, i)``; a single chunk with ``key`` itself). The last chunk is padded with copies of
+    the last row to the same shape, so all chunks share one compilation. Fields as numpy arrays."""
+    n, size = len(prompts), cfg.rollout_batch
+    if n <= size:
+        return rollout.generate(ref, prompts, mask, key=key, **kwargs)
+    outs = []
+    for i, start in enumerate(range(0, n, size)):
+        rows = np.minimum(np.arange(start, start + size), n - 1)
+        chunk = {k: (v[rows] if k == "switch_time" else v) for k, v in kwargs.items()}
+        out = rollout.generate(ref, prompts[rows], mask[rows], key=jax.random.fold_in(key, i), **chunk)
+        outs.append(jax.tree.map(lambda x, m=min(size, n - start): np.asarray(x)[:m], out))
+    return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
+
+
 def _guided(cfg: AlgorithmConfig, state: TrainState) -> dict[str, Any]:
     """The guidance arguments of ``rollout.generate`` for the current value model."""
     return dict(value_model=state.model(), guidance=cfg.guidance, eta=cfg.eta)
@@ -180,10 +203,8 @@ def _collect(cfg: AlgorithmConfig, task: Task, ref: Transformer, state: TrainSta
     prompts, mask, group = (np.repeat(x, cfg.samples_per_prompt, axis=0) for x in (prompts, mask, group))
     switch = rng.integers(0, cfg.max_new_tokens, size=len(prompts))  # uniform over the response
     guided = {} if iteration == 0 else _guided(cfg, state)  # iteration 0 rolls in with π_ref
-    out = rollout.generate(
-        ref, prompts, mask, key=jax.random.fold_in(jax.random.key(cfg.seed), iteration),
-        switch_time=jnp.asarray(switch), **_sampling(cfg, task), **guided,
-    )
+    out = _generate(cfg, ref, prompts, mask, jax.random.fold_in(jax.random.key(cfg.seed), iteration),
+                    switch_time=jnp.asarray(switch), **_sampling(cfg, task), **guided)
     rewards = _check_rewards(task.reward(prompts, np.asarray(out.tokens), np.asarray(out.mask)), len(prompts))
     return _records(prompts, mask, out, switch, rewards, group)
 
@@ -232,7 +253,7 @@ def _evaluate(cfg: AlgorithmConfig, task: Task, ref: Transformer, state: TrainSt
     key = jax.random.fold_in(jax.random.key(cfg.seed + 1), iteration)
     results = {}
     for name, extra in (("ref", {}), ("guided", _guided(cfg, state))):
-        out = rollout.generate(ref, prompts, mask, key=key, **_sampling(cfg, task), **extra)
+        out = _generate(cfg, ref, prompts, mask, key, **_sampling(cfg, task), **extra)
         rewards = _check_rewards(task.reward(prompts, np.asarray(out.tokens), np.asarray(out.mask)), len(prompts))
         results[f"{name}_reward"] = float(rewards.mean())
         results[f"{name}_kl"] = float(np.asarray(out.kl).mean())

@@ -196,3 +196,38 @@ def test_driver_on_a_mesh_equals_single_device(tmp_path):
             np.testing.assert_allclose(b[key], a[key], rtol=2e-3, err_msg=key)
     # later iterations sample with the (slightly different) guided policy, so compare quality
     assert sharded[-1]["guided_reward"] > sharded[-1]["ref_reward"] + 0.5
+
+
+def test_rollouts_in_chunks_of_rollout_batch(tmp_path):
+    """More rows than rollout_batch: chunk i is rollout.generate on its rows with fold_in(key, i);
+    the last (short) chunk padded, its padding dropped; guided and with switch times."""
+    import dataclasses
+
+    import jax
+
+    from qsharp_jax import qsharp, rollout
+
+    algo, task, ref, value = build()
+    algo = dataclasses.replace(algo, rollout_batch=3)
+    prompts, mask = task.sample_prompts(np.random.default_rng(0), 7)
+    switch = np.array([0, 1, 2, 0, 1, 2, 1])
+    kw = dict(max_new_tokens=3, top_k=V, value_model=value, guidance="qsharp", eta=0.1)
+    key = jax.random.key(5)
+    out = qsharp._generate(algo, ref, prompts, mask, key, switch_time=switch, **kw)
+    assert out.tokens.shape == (7, 3) and out.kl.shape == (7,)
+    for i, start in enumerate(range(0, 7, 3)):
+        rows = np.minimum(np.arange(start, start + 3), 6)
+        expected = rollout.generate(ref, prompts[rows], mask[rows], key=jax.random.fold_in(key, i),
+                                    switch_time=switch[rows], **kw)
+        m = min(3, 7 - start)
+        for name in ("tokens", "mask", "logprobs", "kl"):
+            np.testing.assert_allclose(getattr(out, name)[start : start + m], np.asarray(getattr(expected, name))[:m],
+                                       rtol=1e-6, err_msg=name)
+    # one chunk: the key itself, as before rollout_batch existed
+    whole = qsharp._generate(dataclasses.replace(algo, rollout_batch=7), ref, prompts, mask, key, switch_time=switch, **kw)
+    np.testing.assert_array_equal(whole.tokens, rollout.generate(ref, prompts, mask, key=key, switch_time=switch, **kw).tokens)
+    with pytest.raises(ValueError, match="rollout_batch must be >= 1"):
+        dataclasses.replace(algo, rollout_batch=0)
+    # the driver runs with chunked collection and evaluation
+    history = run(dataclasses.replace(algo, iterations=1, epochs=2), task, ref, value, tmp_path, progress=False)
+    assert history[-1]["examples"] == algo.prompts_per_iteration * algo.samples_per_prompt
