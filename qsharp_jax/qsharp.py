@@ -178,7 +178,7 @@ def _sampling(cfg: AlgorithmConfig, task: Task) -> dict[str, Any]:
 def _generate(cfg: AlgorithmConfig, ref: Transformer, prompts, mask, key: jax.Array, **kwargs) -> rollout.Rollout:
     """``rollout.generate`` over at most ``cfg.rollout_batch`` rows per call (chunk i samples with
     ``fold_in(key, i)``; a single chunk with ``key`` itself). The last chunk is padded with copies of
-    the last row to the same shape, so all chunks share one compilation. Fields as numpy arrays."""
+    the last row to the same shape, so all chunks share one compilation (fields then numpy arrays)."""
     n, size = len(prompts), cfg.rollout_batch
     if n <= size:
         return rollout.generate(ref, prompts, mask, key=key, **kwargs)
