@@ -319,6 +319,16 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def latest_state(cfg: AlgorithmConfig, value: ValueModel, run_dir: str | Path) -> tuple[TrainState, dict[str, Any]]:
+    """The newest checkpoint of :func:`run` in ``run_dir`` as a train state of ``value``'s structure,
+    and its metadata (``meta["iteration"]``)."""
+    template = init_state(value, make_optimizer(cfg.optimizer), jax.random.key(cfg.seed))
+    restored = Checkpoints(Path(run_dir) / "checkpoints").restore(template)
+    if restored is None:
+        raise FileNotFoundError(f"{run_dir}/checkpoints has no checkpoint yet")
+    return restored
+
+
 def load_run(run_dir: str | Path) -> tuple[TrainConfig, Task, Transformer, TrainState, int]:
     """A trained run: its config, task, π_ref, and the newest checkpoint's train state and iteration."""
     from qsharp_jax import config as config_lib
@@ -328,11 +338,7 @@ def load_run(run_dir: str | Path) -> tuple[TrainConfig, Task, Transformer, Train
         raise FileNotFoundError(f"{run_dir}/config.json not found: is {run_dir} a run directory of `qsharp train`?")
     cfg = config_lib.load(TrainConfig, run_dir / "config.json")
     task, ref, value = _build(cfg)
-    template = init_state(value, make_optimizer(cfg.algorithm.optimizer), jax.random.key(cfg.algorithm.seed))
-    restored = Checkpoints(run_dir / "checkpoints").restore(template)
-    if restored is None:
-        raise FileNotFoundError(f"{run_dir}/checkpoints has no checkpoint yet")
-    state, meta = restored
+    state, meta = latest_state(cfg.algorithm, value, run_dir)
     return cfg, task, ref, state, meta["iteration"]
 
 

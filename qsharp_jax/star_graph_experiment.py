@@ -352,8 +352,7 @@ def run(cfg: StarGraphConfig, *, progress: bool = True) -> dict[str, Any]:
         if cfg.value_pretrain.walks:
             value = pretrain_value(cfg, value, train_split, progress)
         qsharp.run(cfg.qsharp, task, ref, value, run_dir / "qsharp", progress=progress)
-        state = Checkpoints(run_dir / "qsharp" / "checkpoints").restore(
-            train.init_state(value, train.make_optimizer(cfg.qsharp.optimizer), jax.random.key(cfg.qsharp.seed)))[0]
+        state, _ = qsharp.latest_state(cfg.qsharp, value, run_dir / "qsharp")
         for name, guidance in (("qsharp", "qsharp"), ("cd", "cd")):
             if name in todo:
                 record(name, started, evaluate(cfg, test_split, ref, value_model=state.model(), guidance=guidance,

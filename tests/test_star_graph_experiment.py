@@ -6,8 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from qsharp_jax import config, qsharp, train
-from qsharp_jax.checkpoint import Checkpoints
+from qsharp_jax import config, qsharp
 from qsharp_jax.models.value import value_from_reference
 from qsharp_jax import star_graph_experiment as exp
 
@@ -115,8 +114,6 @@ def test_miniature_q_sharp_beats_the_shortcut_reference(tmp_path):
     Algorithm 1 was run on. Held-out graphs need the value model to learn the edge relation, which
     takes minutes (`make demo`); on its own prompts the value only has to tell, per graph, which first
     step leads to the goal. Measured (seeds 0 and 1): π_ref 0.44 / 0.40 → Q♯ 0.86 / 0.88."""
-    import jax
-
     n = 64
     cfg = tiny(tmp_path, graph={"degree": 2, "path_length": 3, "num_nodes": 10}, train_graphs=20000, test_graphs=n,
                eval_batch=4 * n,
@@ -134,9 +131,7 @@ def test_miniature_q_sharp_beats_the_shortcut_reference(tmp_path):
     value = value_from_reference(ref, cfg.head, seed=1)
     qsharp.run(cfg.qsharp, exp.sg.StarGraphTask(cfg.graph, prompts, prompts, eval_size=n), ref, value,
                tmp_path / "qsharp", progress=False)
-    optimizer = train.make_optimizer(cfg.qsharp.optimizer)
-    state = Checkpoints(tmp_path / "qsharp" / "checkpoints").restore(
-        train.init_state(value, optimizer, jax.random.key(0)))[0]
+    state, _ = qsharp.latest_state(cfg.qsharp, value, tmp_path / "qsharp")
     after = exp.evaluate(cfg, scored, ref, value_model=state.model(), guidance="qsharp", progress=False)
     assert abs(before["test_accuracy"] - 0.5) < 0.15, before  # the shortcut: a coin flip at the first step
     assert after["test_accuracy"] > before["test_accuracy"] + 0.25, (before, after)
