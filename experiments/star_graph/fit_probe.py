@@ -39,6 +39,9 @@ def main() -> None:
     args = parser.parse_args()
 
     cfg = config.load(exp.StarGraphConfig, args.config, [])
+    if cfg.head.kind != "categorical" or cfg.head.q_type:
+        raise SystemExit(f"fit_probe reads a categorical V-type value head; {args.config} has "
+                         f"head kind={cfg.head.kind!r}, q_type={cfg.head.q_type}")
     stored = Path(cfg.run_dir) / "qsharp" / "data"
     if not (stored / "manifest.json").exists():
         raise SystemExit(f"no rollouts in {stored}; run `qsharp star-graph {args.config}` first")
