@@ -2,7 +2,7 @@
 epoch, the held-out cross-entropy of the predicted success probability at each answer position
 (chance: the binary entropy of the success rate, 0.69 near 1/2). It shows *where* a value model
 learns: after the config's edge-walk warm-up, on G(2, 3) (demo.yaml, --lr 3e-3) the loss drops from
-the first node on, on G(2, 5) (g2_5_small.yaml) it stays at chance everywhere (README § Star graph).
+the first step's node on, on G(2, 5) (g2_5_small.yaml) it stays at chance everywhere (README § Star graph).
 
     python experiments/star_graph/fit_probe.py experiments/star_graph/g2_5_small.yaml --lr 1e-3 --epochs 2
 
