@@ -30,15 +30,15 @@ test: install-dev
 
 # the star-graph experiment end to end (π_ref pretraining, Q♯, CD, REINFORCE, DPO, RPO) into runs/demo
 demo: install
-	$(VENV)/bin/qsharp star-graph experiments/star_graph/demo.yaml
+	$(PY) -m experiments.star_graph experiments/star_graph/demo.yaml
 
 # the exact tabular check of Q♯ against π* (seconds)
 tabular: install
-	$(VENV)/bin/qsharp tabular --config experiments/tabular/config.yaml
+	$(PY) -m experiments.tabular experiments/tabular/config.yaml
 
 bench: install-dev
-	$(PY) experiments/bench/fit_bench.py
-	$(PY) experiments/bench/rollout_bench.py
+	$(PY) -m experiments.bench.fit_bench
+	$(PY) -m experiments.bench.rollout_bench
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis

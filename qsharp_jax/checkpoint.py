@@ -10,17 +10,15 @@ cannot be read.
 
 from __future__ import annotations
 
-import logging
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import orbax.checkpoint as ocp
 
+from qsharp_jax import config as config_lib
 from qsharp_jax.train import TrainState
-
-log = logging.getLogger(__name__)
 
 
 def _arrays(state: TrainState) -> dict[str, Any]:
@@ -52,10 +50,12 @@ class Checkpoints:
         )
         self._manager.wait_until_finished()
 
-    def restore(self, template: TrainState, config: dict[str, Any] | None = None) -> tuple[TrainState, dict] | None:
+    def restore(self, template: TrainState, config: dict[str, Any] | None = None, *, ignore: Sequence[str] = ()
+                ) -> tuple[TrainState, dict] | None:
         """The newest readable checkpoint restored into ``template``'s structure and shardings.
 
-        Returns None when there is none. Raises ValueError if ``config`` differs from the saved one.
+        Returns None when there is none. Raises ValueError if ``config`` differs from the saved one
+        in a field not in ``ignore`` (dotted names).
         """
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
@@ -76,14 +76,8 @@ class Checkpoints:
             if restored is None:
                 continue
             meta = restored["meta"]
-            if config is not None and meta.get("config") != config:
-                saved = meta.get("config") or {}
-                differ = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
-                raise ValueError(
-                    f"checkpoint {step} in {self.directory} was written with a different config; fields that "
-                    f"differ: {', '.join(f'{k} (saved {saved.get(k)!r}, now {config.get(k)!r})' for k in differ)}. "
-                    "Use a new run directory, or the saved config."
-                )
+            if config is not None:
+                config_lib.check_same(meta.get("config") or {}, config, f"checkpoint {step} in {self.directory}", ignore)
             restored = read(step, state=ocp.args.StandardRestore(abstract))
             if restored is None:
                 continue

@@ -1,97 +1,105 @@
-"""``qsharp`` console entry point: ``qsharp <command> [--config FILE] [key=value ...]``."""
+"""``qsharp`` console entry point. Every command that takes a config takes it the same way:
+``qsharp <command> [CONFIG.yaml] [key=value ...]`` (the file is optional; overrides win).
+
+User errors (a bad config, a missing run directory) print one line on stderr and exit with 2.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence, TypeVar
 
 from qsharp_jax import config
 
+T = TypeVar("T")
 
-def _tabular(args: argparse.Namespace) -> int:
-    from qsharp_jax import demo
 
-    cfg = config.load(demo.TabularConfig, args.config, args.overrides)
-    rows = demo.run(cfg)
-    print("Q♯ guidance vs the exact KL-regularized optimum π* on random token trees")
-    print("(J = E[r] − η·KL(π‖π_ref); π_Q♯ and π_CD use the exact return distributions)\n")
-    print(demo.format_table(rows))
-    print("\nTheorem 4.1 tree: a sure 0.5 vs a 10% chance of 1 — CD follows the mean, Q♯ the optimum\n")
-    print(demo.counterexample_table())
-    worst = max(r.max_policy_error for r in rows)
-    print(f"\nmax |π_Q♯ − π*| over all trees: {worst:.2e}")
-    if cfg.plot:
-        print(f"plot: {demo.plot_counterexample(cfg.plot)}")
-    return 0
+def add_config_arguments(parser: argparse.ArgumentParser, cls_name: str, example: str) -> None:
+    """The one config convention: an optional YAML file, then ``key=value`` overrides."""
+    parser.add_argument("config", nargs="?", help=f"YAML file with {cls_name} fields")
+    parser.add_argument("overrides", nargs="*", help=f"key=value overrides, e.g. {example}")
+
+
+def load_config(cls: type[T], args: argparse.Namespace) -> T:
+    """``cls`` from the parsed config arguments. A first positional that looks like ``key=value``
+    (and is not a file) is an override, not a config file."""
+    path, overrides = args.config, list(args.overrides)
+    if path is not None and "=" in path and not Path(path).exists():
+        path, overrides = None, [path, *overrides]
+    return config.load(cls, path, overrides)
+
+
+def run_command(parser: argparse.ArgumentParser, command: Callable[[argparse.Namespace], int],
+                argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` and run ``command``; a user error ends as one line on stderr, exit code 2."""
+    args = parser.parse_args(argv)
+    try:
+        return command(args)
+    except (ValueError, FileNotFoundError) as e:
+        command_name = getattr(args, "command", None)
+        parser.exit(2, f"{parser.prog}{' ' + command_name if command_name else ''}: error: {e}\n")
+
+
+def config_program(prog: str, description: str | None, cls_name: str, example: str,
+                   command: Callable[[argparse.Namespace], int]) -> Callable[[Sequence[str] | None], int]:
+    """``main(argv)`` of a one-command program that takes a config the ``qsharp`` way (an
+    experiment's ``python -m experiments.<name> [CONFIG] [key=value ...]``)."""
+
+    def main(argv: Sequence[str] | None = None) -> int:
+        parser = argparse.ArgumentParser(prog=prog, description=description,
+                                         formatter_class=argparse.RawDescriptionHelpFormatter)
+        add_config_arguments(parser, cls_name, example)
+        return run_command(parser, command, argv)
+
+    return main
 
 
 def _train(args: argparse.Namespace) -> int:
-    from qsharp_jax import plotting, qsharp
+    from qsharp_jax import runs
 
-    cfg = config.load(qsharp.TrainConfig, args.config, args.overrides)
-    history = qsharp.train(cfg)
+    cfg = load_config(runs.RunConfig, args)
+    history = runs.start_or_resume(cfg)
     print(f"{'iteration':>9} {'examples':>8} {'fit loss':>9} {'guided reward':>13} {'π_ref reward':>12} {'KL':>7}")
     for h in history:
         print(f"{h['iteration']:>9} {h['examples']:>8} {h['fit_loss']:>9.4f} {h['guided_reward']:>13.3f} "
               f"{h['ref_reward']:>12.3f} {h['guided_kl']:>7.3f}")
     print(f"run directory: {cfg.run_dir} (metrics.jsonl, tensorboard/, checkpoints/, data/)")
-    print(f"plot: {plotting.plot_run(cfg.run_dir)}")
-    return 0
-
-
-def _star_graph(args: argparse.Namespace) -> int:
-    from qsharp_jax import star_graph_experiment as exp
-
-    cfg = config.load(exp.StarGraphConfig, args.config, args.overrides)
-    results = exp.run(cfg)
-    print()
-    print(exp.write_table(results, Path(cfg.run_dir) / "results.md"))
-    total = sum(results["seconds"].values())
-    print(f"{total / 60:.1f} min (wall clock, all methods); run directory: {cfg.run_dir} (results.json, results.md, accuracy.png)")
+    print(f"plot: {runs.plot_run(cfg.run_dir)}")
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from qsharp_jax import qsharp
+    from qsharp_jax import runs
 
-    metrics = qsharp.evaluate_run(args.run_dir)
+    metrics = runs.evaluate_run(args.run_dir)
     print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
     return 0
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from qsharp_jax import qsharp
+    from qsharp_jax import runs
 
-    prompts, tokens, rewards = qsharp.sample_run(args.run_dir, args.num, args.seed)
+    prompts, tokens, rewards = runs.sample_run(args.run_dir, args.num, args.seed)
     for p, t, r in zip(prompts, tokens, rewards):
         print(f"prompt {p.tolist()} -> {t.tolist()}  reward {float(r):g}")
     return 0
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from qsharp_jax import plotting
+    from qsharp_jax import runs
 
-    print(plotting.plot_run(args.run_dir, args.out))
+    print(runs.plot_run(args.run_dir, args.out))
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="qsharp", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    tab = sub.add_parser("tabular", help="exact tabular check: Q♯ vs π* vs CD on token trees")
-    tab.add_argument("--config", help="YAML file with TabularConfig fields")
-    tab.add_argument("overrides", nargs="*", help="key=value overrides, e.g. etas=[0.1] depths=[3]")
-    tab.set_defaults(func=_tabular)
     train = sub.add_parser("train", help="run or resume Algorithm 1 (collect, fit, evaluate, checkpoint)")
-    train.add_argument("config", nargs="?", help="YAML file with TrainConfig fields")
-    train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. algorithm.eta=0.05 run_dir=runs/x")
+    add_config_arguments(train, "RunConfig", "algorithm.eta=0.05 run_dir=runs/x")
     train.set_defaults(func=_train)
-    star = sub.add_parser("star-graph", help="the star-graph experiment: π_ref pretraining, Q♯, CD, REINFORCE, DPO, RPO")
-    star.add_argument("config", nargs="?", help="YAML file with StarGraphConfig fields (experiments/star_graph/)")
-    star.add_argument("overrides", nargs="*", help="key=value overrides, e.g. graph.degree=5 run_dir=runs/g55")
-    star.set_defaults(func=_star_graph)
     ev = sub.add_parser("eval", help="evaluate a run's newest checkpoint (guided and π_ref)")
     ev.add_argument("run_dir")
     ev.set_defaults(func=_eval)
@@ -104,11 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     plot.add_argument("run_dir")
     plot.add_argument("--out", help="PNG path (default: RUN_DIR/learning_curves.png)")
     plot.set_defaults(func=_plot)
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
-        parser.exit(2, f"qsharp {args.command}: error: {e}\n")
+    return run_command(parser, lambda args: args.func(args), argv)
 
 
 if __name__ == "__main__":

@@ -66,3 +66,39 @@ def _to_args(values: Mapping[str, Any], prefix: str = "") -> list[str]:
 
 def _token(value: Any) -> str:
     return "None" if value is None else str(value)
+
+
+def as_json(cfg: Any) -> Any:
+    """A dataclass config (or a dict / list of them) as the plain JSON value it is saved as."""
+    import dataclasses
+    import json
+
+    value = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else cfg
+    return json.loads(json.dumps(value))
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``: the dotted keys of ``key=value`` overrides."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def differences(saved: Mapping[str, Any], now: Mapping[str, Any], ignore: Sequence[str] = ()) -> list[str]:
+    """The dotted fields where two saved configs differ (``ignore``: fields free to change),
+    each as ``"field (saved X, now Y)"``; empty when they agree."""
+    flat_saved, flat_now = flatten(saved), flatten(now)
+    keys = sorted(k for k in set(flat_saved) | set(flat_now) if k not in ignore and flat_saved.get(k) != flat_now.get(k))
+    return [f"{k} (saved {flat_saved.get(k)!r}, now {flat_now.get(k)!r})" for k in keys]
+
+
+def check_same(saved: Mapping[str, Any], now: Mapping[str, Any], where: str, ignore: Sequence[str] = ()) -> None:
+    """Refuse to continue ``where`` (a run directory, a checkpoint) with another config."""
+    differ = differences(saved, now, ignore)
+    if differ:
+        raise ValueError(f"{where} was written with another config; fields that differ: {', '.join(differ)}. "
+                         "Use a new run directory, or the saved config.")

@@ -8,6 +8,9 @@ With η the paper's KL coefficient (π* ∝ π_ref · exp(Q*/η); the official c
 is a functional of the *distribution* of π_ref's return R. Q♯ learns that distribution and adds
 exactly this; CD/VAS add E[R]/η, the unregularized Q, which is provably suboptimal. All offsets are
 computed in float32 log space and stay finite for η down to 1e-3 with atoms in [0, 1].
+
+The public functions check their inputs (see ``_validate``); :data:`UNCHECKED_OFFSETS` are the same
+math for callers that have validated once at their boundary.
 """
 
 from __future__ import annotations
@@ -47,6 +50,10 @@ def qsharp_logit_offset(value_logits: jax.Array, atoms: jax.Array, eta: float | 
     """
     _check_value_logits(value_logits, atoms)
     _validate.check_eta(eta)
+    return _qsharp(value_logits, atoms, eta)
+
+
+def _qsharp(value_logits, atoms, eta):
     log_p = jax.nn.log_softmax(value_logits.astype(jnp.float32), axis=-1)
     return jax.nn.logsumexp(log_p + atoms.astype(jnp.float32) / eta, axis=-1)
 
@@ -64,6 +71,10 @@ def cd_logit_offset(value_logits: jax.Array, atoms: jax.Array, eta: float | jax.
     """
     _check_value_logits(value_logits, atoms)
     _validate.check_eta(eta)
+    return _cd(value_logits, atoms, eta)
+
+
+def _cd(value_logits, atoms, eta):
     probs = jax.nn.softmax(value_logits.astype(jnp.float32), axis=-1)
     return probs @ atoms.astype(jnp.float32) / eta
 
@@ -81,8 +92,18 @@ def bernoulli_logit_offset(logits: jax.Array, eta: float | jax.Array) -> jax.Arr
       float32 ``[...]``.
     """
     _validate.check_eta(eta)
+    return _bernoulli(logits, None, eta)
+
+
+def _bernoulli(logits, atoms, eta):  # atoms unused: the signature of the other offsets
     logits = jnp.asarray(logits).astype(jnp.float32)
     return jnp.logaddexp(jax.nn.log_sigmoid(-logits), jax.nn.log_sigmoid(logits) + 1.0 / eta)
+
+
+# The offsets without their value checks, ``offset(value_outputs, atoms, eta)``: for compiled hot
+# loops (the decoding loop) that validate η and the atoms once at their public boundary, where a
+# check on a traced value would become a host callback on every token.
+UNCHECKED_OFFSETS = {"qsharp": _qsharp, "cd": _cd, "bernoulli": _bernoulli}
 
 
 def guided_logits(

@@ -28,6 +28,7 @@ from typing import Literal
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx, struct
 
 from qsharp_jax import _validate
@@ -111,7 +112,7 @@ def generate(
       switch_time: int ``[B]``: sequence b is guided for its first ``switch_time[b]`` generated
         tokens and follows π_ref after (Algorithm 1's roll-in / roll-out). None = always guided.
       eos_id, pad_id: a sequence ends after emitting ``eos_id``; later slots hold ``pad_id``.
-      atoms: float ``[K]`` of a categorical head; default ``linspace(0, 1, K)``.
+      atoms: float ``[K]`` of a categorical head; default the head's own (``HeadConfig.atoms``).
       cache_len: KV-cache slots; default ``P + max_new_tokens``.
     """
     prompt_ids, prompt_mask = jnp.asarray(prompt_ids), jnp.asarray(prompt_mask).astype(bool)
@@ -151,7 +152,8 @@ def generate(
             raise ValueError("a V-type value model scores π_ref's top_k candidates: set top_k")
         if guidance != "bernoulli":
             k_atoms = value_model.head_cfg.num_atoms
-            atoms = jnp.linspace(0.0, 1.0, k_atoms) if atoms is None else jnp.asarray(atoms, jnp.float32)
+            # numpy: its checks run here, once, even when `generate` itself is being traced
+            atoms = np.asarray(value_model.head_cfg.atoms if atoms is None else atoms, np.float32)
             _validate.check_atoms(atoms)
             if atoms.shape != (k_atoms,):
                 raise ValueError(f"atoms has shape {atoms.shape}, the value head has {k_atoms} atoms")
@@ -173,45 +175,59 @@ def generate(
     value_graph, value_state = nnx.split(value_model) if value_model is not None else (None, None)
     return _generate(
         ref_graph, ref_state, value_graph, value_state, prompt_ids.astype(jnp.int32), prompt_mask, key,
-        switch_time, jnp.asarray(eta, jnp.float32), atoms, spec=spec,
+        switch_time, jnp.asarray(eta, jnp.float32), None if atoms is None else jnp.asarray(atoms), spec=spec,
     )
 
 
-def _candidates(policy_logits: jax.Array, spec: _Spec) -> tuple[jax.Array, jax.Array]:
-    """The tokens the final policy may pick from full-vocabulary logits ``[B, V]``, best first.
+def truncate(
+    logits: jax.Array, *, temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0
+) -> tuple[jax.Array, jax.Array]:
+    """The sampling distribution of ``logits`` ``[..., V]`` after temperature, top-k and top-p.
 
-    Returns (values, ids) ``[B, C]``: temperature-scaled logits and token ids, after top-k (C = k)
-    or, with no top-k, the whole vocabulary (sorted only when top-p needs it).
+    Returns ``(log_policy, ids)``, both ``[..., C]``: the candidates' token ids, best first when
+    truncated (C = k with top-k, else V), and their log-probabilities (``-inf`` for candidates
+    top-p drops; the best token always stays). Exactly k tokens survive top-k, ties broken by
+    ``lax.top_k``. The decoding loop samples from this, and
+    :func:`qsharp_jax.objectives.sampled_kl` measures it, so both see one truncation.
     """
-    logits = policy_logits / spec.temperature
+    values, ids = _candidates(logits / temperature, top_k, top_p)
+    return _nucleus(values, top_p), ids
+
+
+def _candidates(logits: jax.Array, top_k: int | None, top_p: float) -> tuple[jax.Array, jax.Array]:
+    """(values, ids) ``[..., C]`` of tempered logits ``[..., V]``: top-k (C = k) or, with no top-k,
+    the whole vocabulary (sorted only when top-p needs it)."""
     vocab = logits.shape[-1]
-    if spec.top_k is not None and spec.top_k < vocab:
-        return jax.lax.top_k(logits, spec.top_k)
-    if spec.top_p < 1.0:
+    if top_k is not None and top_k < vocab:
+        return jax.lax.top_k(logits, top_k)
+    if top_p < 1.0:
         ids = jnp.argsort(-logits, axis=-1)
         return jnp.take_along_axis(logits, ids, axis=-1), ids
     return logits, jnp.broadcast_to(jnp.arange(vocab), logits.shape)
 
 
-def _draw(values: jax.Array, ids: jax.Array, ref_at_ids: jax.Array, ref_lse: jax.Array, key: jax.Array, spec: _Spec):
-    """Sample among candidates sorted best first: top-p, then a draw.
+def _nucleus(values: jax.Array, top_p: float) -> jax.Array:
+    """Log-probabilities over candidates ``[..., C]`` sorted best first, after top-p."""
+    if top_p < 1.0:
+        probs = jax.nn.softmax(values, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass of the better tokens
+        values = jnp.where(before < top_p, values, -jnp.inf)  # the best token always stays
+    # the same formula with and without guidance, so that an untouched policy has exactly zero KL
+    return values - jax.nn.logsumexp(values, axis=-1, keepdims=True)
+
+
+def _draw(log_policy: jax.Array, ids: jax.Array, ref_at_ids: jax.Array, ref_lse: jax.Array, key: jax.Array):
+    """Sample among candidates.
 
     Args:
-      values: ``[B, C]`` tempered policy logits of the candidates (sorted descending when top-p
-        is used).
-      ids: ``[B, C]`` their token ids; ref_at_ids: π_ref's raw logits there; ref_lse: ``[B]``
-        logsumexp of π_ref's full logits.
+      log_policy: ``[B, C]`` the final policy's log-probabilities of the candidates (from
+        :func:`_nucleus`); ids: ``[B, C]`` their token ids; ref_at_ids: π_ref's raw logits there;
+        ref_lse: ``[B]`` logsumexp of π_ref's full logits.
 
     Returns:
       (choice ``[B]`` index into C, token, log π(token), log π_ref(token), KL(π_t ‖ π_ref,t)).
       The KL is exact: a truncated policy has no mass, hence no KL terms, off its candidates.
     """
-    if spec.top_p < 1.0:
-        probs = jax.nn.softmax(values, axis=-1)
-        before = jnp.cumsum(probs, axis=-1) - probs  # mass of the better tokens
-        values = jnp.where(before < spec.top_p, values, -jnp.inf)  # the best token always stays
-    # the same formula for both, so that an untouched policy has exactly zero KL
-    log_policy = values - jax.nn.logsumexp(values, axis=-1, keepdims=True)
     log_ref = ref_at_ids - ref_lse[:, None]
     choice = jax.random.categorical(key, log_policy, axis=-1)
     probs = jnp.exp(log_policy)
@@ -238,12 +254,8 @@ def _generate(ref_graph, ref_state, value_graph, value_state, prompt_ids, prompt
     else:
         value_cache, value_out = None, None
 
-    def offsets_of(values):
-        if spec.guidance == "qsharp":
-            return guidance_lib.qsharp_logit_offset(values, atoms, eta)
-        if spec.guidance == "cd":
-            return guidance_lib.cd_logit_offset(values, atoms, eta)
-        return guidance_lib.bernoulli_logit_offset(values, eta)
+    def offsets_of(values):  # η and the atoms were validated in `generate`: no checks in the loop
+        return guidance_lib.UNCHECKED_OFFSETS[spec.guidance](values, atoms, eta)
 
     def v_type_candidates(ref_logits, value_cache, guide_now):
         """V-type guidance on π_ref's top-k: guided logits there + the candidates' value-model K/V.
@@ -269,10 +281,10 @@ def _generate(ref_graph, ref_state, value_graph, value_state, prompt_ids, prompt
             offsets, kv = jax.lax.cond(jnp.any(guide_now), score, skip)
         values = (ref_top + offsets) / spec.temperature
         if spec.top_p == 1.0:
-            return values, cand, ref_top, None, kv
+            return _nucleus(values, 1.0), cand, ref_top, None, kv
         order = jnp.argsort(-values, axis=-1)  # best first, for top-p
         take = lambda x: jnp.take_along_axis(x, order, axis=-1)  # noqa: E731
-        return take(values), take(cand), take(ref_top), order, kv
+        return _nucleus(take(values), spec.top_p), take(cand), take(ref_top), order, kv
 
     def step(carry):
         t, key, ref_logits, ref_cache, value_cache, value_out, out, done = carry
@@ -280,15 +292,16 @@ def _generate(ref_graph, ref_state, value_graph, value_state, prompt_ids, prompt
         guide_now = active & (t < switch_time)
         ref_lse = jax.nn.logsumexp(ref_logits, axis=-1)
         if v_type:
-            values, ids, ref_at_ids, order, kv = v_type_candidates(ref_logits, value_cache, guide_now)
+            log_policy, ids, ref_at_ids, order, kv = v_type_candidates(ref_logits, value_cache, guide_now)
         else:
             policy_logits = ref_logits
             if spec.guidance is not None:  # Q-type: every token's value is at hand
                 policy_logits = jnp.where(guide_now[:, None], ref_logits + offsets_of(value_out), ref_logits)
-            values, ids = _candidates(policy_logits, spec)
+            log_policy, ids = truncate(policy_logits, temperature=spec.temperature, top_k=spec.top_k,
+                                       top_p=spec.top_p)
             ref_at_ids = jnp.take_along_axis(ref_logits, ids, axis=-1)
         choice, token, logprob, ref_logprob, kl = _draw(
-            values, ids, ref_at_ids, ref_lse, jax.random.fold_in(key, t), spec
+            log_policy, ids, ref_at_ids, ref_lse, jax.random.fold_in(key, t)
         )
         token = jnp.where(active, token, spec.pad_id)
         out = {

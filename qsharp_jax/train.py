@@ -1,18 +1,11 @@
-"""Fitting value models (and policies): optimizer, train state, jitted (optionally sharded) train
-steps and scanned epochs.
+"""Training any NNX module on any loss: optimizer, train state, jitted (optionally sharded) train
+steps and scanned epochs, and the one fit loop.
 
 Everything here is pure: ``train_step(state, batch) -> (state, metrics)`` with the state donated.
 Parameters are a plain nested dict of arrays (``nnx.to_pure_dict``), so the optimizer state and
 every sharding are ordinary pytrees; ``state.model()`` rebuilds the NNX module when needed. The
-state and steps work for any NNX module and loss: the policy objectives of ``qsharp_jax.policy``
-and ``qsharp_jax.baselines`` use them too.
-
-A value-training batch is a dict of arrays (all ``[N, T]`` unless noted):
-
-* ``tokens`` int32, prompt + response, left padded; ``attention_mask`` bool;
-* ``loss_mask`` bool: the prefixes whose value is fitted — those ending at the last roll-in token
-  or later, whose continuation was sampled from π_ref (Algorithm 1);
-* ``rewards`` float32 ``[N]``: the return of each sequence.
+losses come from :mod:`qsharp_jax.objectives` (value models, language models) and
+:mod:`qsharp_jax.baselines` (policies): ``loss_fn(model, batch) -> (loss, metrics)``.
 """
 
 from __future__ import annotations
@@ -20,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Literal
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,31 +21,50 @@ from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from qsharp_jax import losses
 from qsharp_jax import sharding as sharding_lib
-from qsharp_jax.models.transformer import Transformer
-from qsharp_jax.models.value import ValueModel
 
-LossKind = Literal["categorical", "bernoulli", "mse"]
 Batch = dict[str, jax.Array]
+LossFn = Callable[[Any, Batch], tuple[jax.Array, dict[str, jax.Array]]]
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
     """AdamW with linear warmup, then cosine / linear decay or a constant rate, and norm clipping.
 
-    Defaults follow the paper's LLM value models: lr 2e-5, weight decay 0.01.
+    Fields:
+      learning_rate: peak rate after warmup (paper's LLM value models: 2e-5).
+      weight_decay: AdamW's decoupled decay (paper: 0.01).
+      warmup_steps: optimizer steps of linear warmup from 0 (0: none).
+      decay_steps: steps of decay after warmup; 0 keeps the rate constant.
+      schedule: the decay's shape: ``cosine``, ``linear`` or ``constant``.
+      end_learning_rate: the rate reached after ``decay_steps``.
+      b1, b2: Adam's moment decays.
+      clip_norm: clip the gradient's global norm to this (None: no clipping).
     """
 
     learning_rate: float = 2e-5
     weight_decay: float = 0.01
     warmup_steps: int = 0
-    decay_steps: int = 0  # after warmup; 0 = constant learning rate
+    decay_steps: int = 0
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     end_learning_rate: float = 0.0
     b1: float = 0.9
     b2: float = 0.999
     clip_norm: float | None = 1.0
+
+    def __post_init__(self):
+        if not (self.learning_rate >= 0 and self.end_learning_rate >= 0 and self.weight_decay >= 0):
+            raise ValueError(f"optimizer: learning_rate, end_learning_rate and weight_decay must be >= 0, got "
+                             f"{self.learning_rate}, {self.end_learning_rate}, {self.weight_decay}")
+        if self.warmup_steps < 0 or self.decay_steps < 0:
+            raise ValueError(f"optimizer: warmup_steps and decay_steps must be >= 0, got {self.warmup_steps}, "
+                             f"{self.decay_steps}")
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise ValueError(f"optimizer.schedule must be cosine, linear or constant, got {self.schedule!r}")
+        if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1):
+            raise ValueError(f"optimizer: b1 and b2 must lie in [0, 1), got {self.b1}, {self.b2}")
+        if self.clip_norm is not None and not self.clip_norm > 0:
+            raise ValueError(f"optimizer.clip_norm must be > 0 or null, got {self.clip_norm}")
 
 
 def learning_rate_schedule(cfg: OptimizerConfig) -> optax.Schedule:
@@ -97,138 +108,6 @@ def init_state(model: nnx.Module, optimizer: optax.GradientTransformation, rng: 
     params = nnx.to_pure_dict(state)
     return TrainState(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32), rng=rng,
                       graphdef=graphdef)
-
-
-def value_loss(
-    model: ValueModel, batch: Batch, *, kind: LossKind = "categorical", atoms: jax.Array | None = None
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Monte-Carlo value loss of a V- or Q-type value model on a batch (see module docstring).
-
-    V-type: the output at position t is the value of the prefix ending at t. Q-type: the output at
-    t for token a is the value of that prefix extended by a, so the prefix ending at t is read at
-    position t - 1, token ``tokens[t]``.
-
-    The target of every fitted prefix is its sequence's ``rewards`` ``[N]``, or, when the batch has
-    ``returns`` float ``[N, T]`` instead, a target per prefix (e.g. auxiliary labels).
-    """
-    tokens, attention = batch["tokens"], batch["attention_mask"]
-    chex.assert_rank(tokens, 2, custom_message="batch['tokens'] must be [N, T]")
-    chex.assert_equal_shape([tokens, attention, batch["loss_mask"]],
-                            custom_message="tokens, attention_mask and loss_mask must share [N, T]")
-    if "returns" in batch:
-        chex.assert_shape(batch["returns"], tokens.shape, custom_message="batch['returns'] must be [N, T]")
-        returns = batch["returns"].astype(jnp.float32)
-    else:
-        chex.assert_shape(batch["rewards"], tokens.shape[:1], custom_message="batch['rewards'] must be [N]")
-        returns = jnp.broadcast_to(batch["rewards"][:, None].astype(jnp.float32), tokens.shape)
-    head = model.head_cfg
-    needs = {"categorical": "categorical", "bernoulli": "bernoulli", "mse": "scalar"}
-    if kind not in needs:
-        raise ValueError(f"loss kind must be categorical, bernoulli or mse, got {kind!r}")
-    if needs[kind] != head.kind:
-        raise ValueError(f"loss {kind!r} does not fit a {head.kind!r} value head (it needs {needs[kind]!r})")
-    out = model(tokens, attention)  # [N, T, (V,) (K)]
-    mask = batch["loss_mask"] & attention
-    if head.q_type:
-        nxt = tokens[:, 1:]
-        index = nxt[:, :, None, None] if out.ndim == 4 else nxt[:, :, None]
-        out = jnp.take_along_axis(out[:, :-1], index, axis=2)[:, :, 0]
-        mask, returns = mask[:, 1:], returns[:, 1:]
-    if kind == "categorical":
-        atoms = jnp.linspace(0.0, 1.0, head.num_atoms) if atoms is None else atoms
-        loss = losses.categorical_return_loss(out, returns, atoms, mask)
-        mean = jax.nn.softmax(out) @ atoms
-    elif kind == "bernoulli":
-        loss = losses.bernoulli_return_loss(out, returns, mask)
-        mean = jax.nn.sigmoid(out)
-    else:
-        loss = losses.mse_return_loss(out, returns, mask)
-        mean = out
-    return loss, _fit_metrics(mean, returns, mask)
-
-
-def reference_inputs(ref: Transformer, tokens: jax.Array, attention_mask: jax.Array, *, top_k: int | None) -> Batch:
-    """What :func:`bellman_value_loss` needs from the frozen π_ref for a batch.
-
-    ``top_k=None`` (Q-type): ``{"ref_logits": [N, T, V]}``. Otherwise (V-type):
-    ``{"ref_top_ids": int32 [N, T, k], "ref_top_logits": [N, T, k]}``, π_ref's k likeliest next
-    tokens after each prefix — the tokens guided V-type decoding chooses among.
-    """
-    logits = jax.lax.stop_gradient(ref(tokens, attention_mask))
-    if top_k is None:
-        return {"ref_logits": logits}
-    top_logits, top_ids = jax.lax.top_k(logits, top_k)
-    return {"ref_top_ids": top_ids.astype(jnp.int32), "ref_top_logits": top_logits}
-
-
-def bellman_value_loss(model: ValueModel, batch: Batch, *, atoms: jax.Array | None = None):
-    """Distributional Bellman loss of a categorical value model under π_ref (no max).
-
-    The target for the return distribution of a fitted state-action is the C51 projection of
-    ``r + γ·z`` (γ = 1; the reward arrives with the last token) under the π_ref mixture of the
-    model's own next-step distributions, with the gradient stopped (a semi-gradient target, as with
-    a target network refreshed every step):
-
-    * Q-type: the target for Z(s_t, a_{t+1}) is Σ_a π_ref(a | s_{t+1}) p(· | s_{t+1}, a), exact
-      over the vocabulary. Needs ``batch["ref_logits"]`` float ``[N, T, V]``.
-    * V-type: the target for Z(s_t) (the prefix ending at t) is Σ_j π̃_ref(c_j | s_t) p(· | s_t c_j)
-      over π_ref's top-k next tokens c_j, π̃_ref renormalized over them — the support of guided
-      V-type decoding. All T·k branches are scored in one forward
-      (:meth:`ValueModel.score_branches`). Needs ``batch["ref_top_ids"]`` int ``[N, T, k]`` and
-      ``batch["ref_top_logits"]`` float ``[N, T, k]`` (see :func:`reference_inputs`).
-
-    The last real token of a row is terminal: its target is the reward.
-    """
-    head = model.head_cfg
-    if head.kind != "categorical":
-        raise ValueError(f"categorical_bellman needs a categorical value head, got {head.kind!r}")
-    tokens, attention = batch["tokens"], batch["attention_mask"]
-    chex.assert_rank(tokens, 2, custom_message="batch['tokens'] must be [N, T]")
-    atoms = jnp.linspace(0.0, 1.0, head.num_atoms) if atoms is None else atoms
-    last = tokens.shape[1] - 1 - jnp.argmax(attention[:, ::-1], axis=1)  # last real token of each row
-    if head.q_type:
-        if "ref_logits" not in batch:
-            raise ValueError("a Q-type categorical_bellman batch needs 'ref_logits' (π_ref's next-token logits "
-                             "[N, T, V]; see train.reference_inputs)")
-        chex.assert_shape(batch["ref_logits"], (*tokens.shape, model.vocab_size),
-                          custom_message="batch['ref_logits'] must be [N, T, V]")
-        out = model(tokens, attention)  # [N, T, V, K]
-        chosen = jnp.take_along_axis(out[:, :-1], tokens[:, 1:, None, None], axis=2)[:, :, 0]  # Z(s_t, a_{t+1})
-        own = jax.nn.softmax(jax.lax.stop_gradient(out[:, 1:]), axis=-1)  # p(· | s_{t+1}, a) for every a
-        ref = jax.nn.softmax(batch["ref_logits"][:, 1:].astype(jnp.float32), axis=-1)  # π_ref(a | s_{t+1})
-        next_probs = jnp.einsum("ntv,ntvk->ntk", ref, own)
-        terminal = jnp.arange(1, tokens.shape[1])[None, :] == last[:, None]
-        mask = (batch["loss_mask"] & attention)[:, 1:]
-    else:
-        ids = batch.get("ref_top_ids")
-        if ids is None or "ref_top_logits" not in batch:
-            raise ValueError("a V-type categorical_bellman batch needs 'ref_top_ids' and 'ref_top_logits' "
-                             "(π_ref's top-k next tokens; see train.reference_inputs)")
-        chex.assert_equal_shape([ids, batch["ref_top_logits"]],
-                                custom_message="ref_top_ids and ref_top_logits must share [N, T, k]")
-        chex.assert_equal_shape_prefix([tokens, ids], 2, custom_message="ref_top_ids must be [N, T, k]")
-        chosen, branches = model.score_branches(tokens, attention, ids)  # [N, T, K], [N, T, k, K]
-        own = jax.nn.softmax(jax.lax.stop_gradient(branches), axis=-1)
-        ref = jax.nn.softmax(batch["ref_top_logits"].astype(jnp.float32), axis=-1)  # renormalized over top-k
-        next_probs = jnp.einsum("ntj,ntjk->ntk", ref, own)
-        terminal = jnp.arange(tokens.shape[1])[None, :] == last[:, None]
-        mask = batch["loss_mask"] & attention
-    rewards = jnp.where(terminal, batch["rewards"][:, None], 0.0)
-    discounts = jnp.where(terminal, 0.0, 1.0)
-    loss = losses.categorical_bellman_loss(chosen, next_probs, rewards, discounts, atoms, mask)
-    returns = jnp.broadcast_to(batch["rewards"][:, None], mask.shape).astype(jnp.float32)
-    return loss, _fit_metrics(jax.nn.softmax(chosen) @ atoms, returns, mask)
-
-
-def _fit_metrics(mean: jax.Array, returns: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
-    """How well the predicted mean return explains the observed returns, over fitted positions."""
-    fitted = mask.astype(jnp.float32)
-    count = jnp.maximum(fitted.sum(), 1.0)
-    mean_return = (returns * fitted).sum() / count
-    residual = ((mean - returns) ** 2 * fitted).sum() / count
-    variance = ((returns - mean_return) ** 2 * fitted).sum() / count
-    explained = jnp.where(variance > 0, 1.0 - residual / jnp.where(variance > 0, variance, 1.0), 0.0)
-    return {"explained_variance": explained, "fitted_tokens": fitted.sum()}
 
 
 def _opt_state_shardings(opt_state: Any, params: Any, param_shardings: Any, mesh: Mesh) -> Any:
@@ -288,7 +167,7 @@ def _step_fn(loss_fn, optimizer):
 
 
 def make_train_epoch(
-    loss_fn: Callable[[Any, Batch], tuple[jax.Array, dict[str, jax.Array]]],
+    loss_fn: LossFn,
     optimizer: optax.GradientTransformation,
     mesh: Mesh | None = None,
     state: TrainState | None = None,
@@ -329,39 +208,63 @@ def make_train_epoch(
     return sharded_epoch
 
 
-def fit_epochs(
+def fit(
     state: TrainState,
-    train_epoch: Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]],
+    train_epoch: Callable[..., tuple[TrainState, dict[str, jax.Array]]],
     data: dict[str, Any],
     *,
     epochs: int,
     batch_size: int,
     rng: np.random.Generator,
+    last_batch: Literal["drop", "mask"] = "drop",
+    extra: Any = None,
     desc: str = "fit",
     progress: bool = True,
     chunk: int = 200,
 ) -> tuple[TrainState, dict[str, float]]:
-    """Shuffle ``data`` (a pytree of arrays with a shared leading example axis) every epoch and run
-    :func:`make_train_epoch`'s ``train_epoch`` on it, ``chunk`` steps per call. The last partial
-    batch of an epoch is dropped (static shapes; a different one each epoch). Returns the state and
-    the last epoch's mean metrics.
+    """Fit on ``data`` for ``epochs`` epochs: the one fit loop of the library.
+
+    Every epoch shuffles ``data`` (a pytree of arrays with a shared leading example axis) with
+    ``rng`` and runs :func:`make_train_epoch`'s ``train_epoch`` on it, ``chunk`` steps per call (a
+    live progress bar and a bounded device copy of the data). ``last_batch``: what happens to the
+    ``n % batch_size`` examples left over — ``"drop"`` them (a different few each epoch), or
+    ``"mask"``: fill the last batch with copies of example 0 whose ``loss_mask`` is False, so every
+    example is fitted (needs ``data["loss_mask"]``). ``extra`` is passed on to ``train_epoch``.
+
+    Returns the state and the last epoch's mean metrics (over its steps; none for 0 epochs).
     """
     leaves = jax.tree.leaves(data)
     n = len(leaves[0])
     if any(len(x) != n for x in leaves):
         raise ValueError(f"data arrays must share their leading (example) axis; got {[len(x) for x in leaves]}")
-    if n < batch_size:
-        raise ValueError(f"{n} examples are fewer than one batch of {batch_size}; lower batch_size")
-    steps = n // batch_size
+    if epochs < 0 or batch_size < 1:
+        raise ValueError(f"fit needs epochs >= 0 and batch_size >= 1, got {epochs} and {batch_size}")
+    if last_batch == "mask":
+        if "loss_mask" not in data:
+            raise ValueError("last_batch='mask' masks padding rows through data['loss_mask'], which is missing")
+        steps = -(-n // batch_size)
+    elif last_batch == "drop":
+        if n < batch_size:
+            raise ValueError(f"{n} examples are fewer than one batch of {batch_size}; lower batch_size")
+        steps = n // batch_size
+    else:
+        raise ValueError(f"last_batch must be 'drop' or 'mask', got {last_batch!r}")
+    args = () if extra is None else (extra,)
     metrics: dict[str, float] = {}
     bar = tqdm(total=epochs * steps, desc=desc, disable=not progress, leave=False)
     for _ in range(epochs):
-        order = rng.permutation(n)[: steps * batch_size].reshape(steps, batch_size)
+        order = rng.permutation(n)
+        order = np.concatenate([order, np.full(steps * batch_size - n, -1)]) if last_batch == "mask" else \
+            order[: steps * batch_size]
+        order = order.reshape(steps, batch_size)
         outs = []
-        # scans of at most `chunk` steps: a live progress bar and a bounded device copy of the data
         for start in range(0, steps, chunk):
             index = order[start : start + chunk]
-            state, out = train_epoch(state, jax.tree.map(lambda x: jnp.asarray(np.asarray(x)[index]), data))
+            batches = jax.tree.map(lambda x: np.asarray(x)[np.maximum(index, 0)], data)
+            if last_batch == "mask":  # padding rows fit nothing
+                real = (index >= 0).reshape(index.shape + (1,) * (batches["loss_mask"].ndim - 2))
+                batches = {**batches, "loss_mask": batches["loss_mask"] & real}
+            state, out = train_epoch(state, jax.tree.map(jnp.asarray, batches), *args)
             outs.append(out)
             bar.update(len(index))
             bar.set_postfix(loss=f"{float(out['loss'][-1]):.4f}")
@@ -371,7 +274,7 @@ def fit_epochs(
 
 
 def make_train_step(
-    loss_fn: Callable[[ValueModel, Batch], tuple[jax.Array, dict[str, jax.Array]]],
+    loss_fn: LossFn,
     optimizer: optax.GradientTransformation,
     mesh: Mesh | None = None,
     state: TrainState | None = None,

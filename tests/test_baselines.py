@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from qsharp_jax import policy
+from qsharp_jax import objectives as policy
 from qsharp_jax.baselines import dpo, reinforce
 from qsharp_jax.models.transformer import Transformer, TransformerConfig
 

@@ -11,7 +11,8 @@ from qsharp_jax import sharding
 from qsharp_jax.checkpoint import Checkpoints
 from qsharp_jax.models.transformer import TransformerConfig
 from qsharp_jax.models.value import HeadConfig, ValueModel
-from qsharp_jax.train import OptimizerConfig, init_state, make_optimizer, make_train_step, state_shardings, value_loss
+from qsharp_jax.objectives import value_loss
+from qsharp_jax.train import OptimizerConfig, init_state, make_optimizer, make_train_step, state_shardings
 from test_train import toy_batch
 
 CFG = TransformerConfig(vocab_size=10, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=2, head_dim=8,
@@ -36,11 +37,14 @@ def assert_states_equal(a, b):
 
 
 def test_round_trip_and_retention(tmp_path):
+    """Every saved state has its own PRNG key, unlike the template: a restore that kept the
+    template's key (or another checkpoint's) fails the comparison."""
     ckpt = Checkpoints(tmp_path, keep=2)
     template, _ = trained_state(0)
     assert ckpt.restore(template) is None
     for iteration in range(3):
         state, _ = trained_state(iteration + 1)
+        state = state.replace(rng=jax.random.key(100 + iteration))
         ckpt.save(iteration, state, {"iteration": iteration, "config": {"eta": 0.1}})
     assert ckpt.steps() == [1, 2]
     restored, meta = Checkpoints(tmp_path).restore(template, {"eta": 0.1})

@@ -8,7 +8,7 @@ import pytest
 from absl.testing import parameterized
 
 from qsharp_jax import losses
-from qsharp_jax.tabular import project_np
+from experiments.tabular.exact import project_np
 
 ATOMS = np.linspace(0.0, 1.0, 11)
 NONUNIFORM = np.array([-1.0, -0.2, 0.0, 0.5, 2.0])

@@ -10,7 +10,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from qsharp_jax.data.storage import RolloutStore
+from qsharp_jax.storage import RolloutStore
 
 
 def data(n, t, seed):
@@ -57,7 +57,7 @@ def test_corrupt_shard_is_detected(tmp_path):
 
 
 def test_verified_shards_are_read_once_and_changes_still_caught(tmp_path, monkeypatch):
-    from qsharp_jax.data import storage
+    from qsharp_jax import storage
 
     store = RolloutStore(tmp_path)
     store.append(0, data(2, 3, 0))
@@ -105,7 +105,7 @@ def test_kill_during_append_leaves_whole_iterations(tmp_path):
     """A writer killed with SIGKILL at random moments never leaves a half iteration behind."""
     script = textwrap.dedent(f"""
         import numpy as np
-        from qsharp_jax.data.storage import RolloutStore
+        from qsharp_jax.storage import RolloutStore
         store = RolloutStore({str(tmp_path)!r})
         start = max(store.iterations(), default=-1) + 1
         for i in range(start, start + 1000):

@@ -9,17 +9,15 @@ from flax import nnx
 from qsharp_jax import losses, sharding
 from qsharp_jax.models.transformer import Transformer, TransformerConfig
 from qsharp_jax.models.value import HeadConfig, ValueModel
+from qsharp_jax.objectives import bellman_value_loss, reference_inputs, value_loss
 from qsharp_jax.train import (
     OptimizerConfig,
-    bellman_value_loss,
     init_state,
     learning_rate_schedule,
     make_optimizer,
     make_train_epoch,
     make_train_step,
-    reference_inputs,
     state_shardings,
-    value_loss,
 )
 
 V = 10
@@ -170,7 +168,7 @@ def test_scanned_epoch_equals_steps_one_at_a_time(on_mesh):
 def test_loss_kind_must_fit_the_head():
     model = ValueModel(CFG, HeadConfig("scalar"), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="loss 'categorical' does not fit a 'scalar' value head"):
-        value_loss(model, toy_batch())
+        value_loss(model, toy_batch(), kind="categorical")
 
 
 def test_bellman_loss_matches_manual_targets():
@@ -298,7 +296,7 @@ def test_next_token_training_matches_pytorch(tmp_path, kind):
     import transformers
 
     from hf_fixtures import make_checkpoint
-    from qsharp_jax import policy
+    from qsharp_jax import objectives as policy
     from qsharp_jax.models import from_hf
 
     make_checkpoint(kind, tmp_path)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qsharp_jax import train
+from qsharp_jax import objectives, train
 from qsharp_jax.models.build import ModelSpec, build_value
 from qsharp_jax.models.value import HeadConfig
 
@@ -38,7 +38,7 @@ def main() -> None:
     args = parser.parse_args()
     examples = data(args.steps, args.batch)
     optimizer = train.make_optimizer(train.OptimizerConfig(learning_rate=1e-3, weight_decay=0.0))
-    loss_fn = lambda m, b: train.value_loss(m, b)  # noqa: E731
+    loss_fn = objectives.value_loss
     print(f"{args.steps} steps of {args.batch} sequences, {jax.devices()[0].platform}")
     for name, (layers, width, heads) in SHAPES.items():
         spec = ModelSpec(architecture="gpt2", vocab_size=56, hidden_size=width, num_layers=layers, num_heads=heads,

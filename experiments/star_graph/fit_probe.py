@@ -4,10 +4,10 @@ epoch, the held-out cross-entropy of the predicted success probability at each a
 learns: after the config's edge-walk warm-up, on G(2, 3) (demo.yaml, --lr 3e-3) the loss drops from
 the first step's node on, on G(2, 5) (g2_5_small.yaml) it stays at chance everywhere (README § Star graph).
 
-    python experiments/star_graph/fit_probe.py experiments/star_graph/g2_5_small.yaml --lr 1e-3 --epochs 2
+    python -m experiments.star_graph.fit_probe experiments/star_graph/g2_5_small.yaml --lr 1e-3 --epochs 2
 
 Needs the run directory of that config with π_ref's checkpoint and ``qsharp/data`` (run
-``qsharp star-graph CONFIG`` first).
+``python -m experiments.star_graph CONFIG`` first).
 """
 
 import argparse
@@ -17,10 +17,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qsharp_jax import config, train
-from qsharp_jax import star_graph_experiment as exp
-from qsharp_jax.data.storage import RolloutStore
+from experiments.star_graph import harness
+from experiments.star_graph.warmup import pretrain_value
+from qsharp_jax import config, objectives, train
 from qsharp_jax.models.build import build_value
+from qsharp_jax.models.value import value_from_reference
+from qsharp_jax.storage import RolloutStore
+from qsharp_jax.tasks import star_graph as sg
 
 KEYS = ("tokens", "attention_mask", "loss_mask", "rewards")
 
@@ -38,13 +41,13 @@ def main() -> None:
     parser.add_argument("--held-out", type=int, default=6000, help="last rollouts kept out of the fit")
     args = parser.parse_args()
 
-    cfg = config.load(exp.StarGraphConfig, args.config, [])
+    cfg = config.load(harness.StarGraphConfig, args.config, [])
     if cfg.head.kind != "categorical" or cfg.head.q_type:
         raise SystemExit(f"fit_probe reads a categorical V-type value head; {args.config} has "
                          f"head kind={cfg.head.kind!r}, q_type={cfg.head.q_type}")
     stored = Path(cfg.run_dir) / "qsharp" / "data"
     if not (stored / "manifest.json").exists():
-        raise SystemExit(f"no rollouts in {stored}; run `qsharp star-graph {args.config}` first")
+        raise SystemExit(f"no rollouts in {stored}; run `python -m experiments.star_graph {args.config}` first")
     store = RolloutStore(stored)
     data = {k: v for k, v in store.load().items() if k in KEYS}
     n = len(data["rewards"])
@@ -53,17 +56,17 @@ def main() -> None:
     held = {k: v[n - args.held_out :] for k, v in data.items()}
     data = {k: v[: n - args.held_out] for k, v in data.items()}
 
-    train_split, _ = exp.sg.make_splits(cfg.graph, train=cfg.train_graphs, test=1, seed=cfg.seed)
-    ref = exp.pretrain_reference(cfg, train_split)  # restored from the run's checkpoint
-    value = exp.value_from_reference(ref, cfg.head, seed=cfg.value.seed) if args.init == "reference" \
+    train_split, _ = sg.make_splits(cfg.graph, train=cfg.train_graphs, test=1, seed=cfg.seed)
+    ref = harness.pretrain_reference(cfg, train_split)  # restored from the run's checkpoint
+    value = value_from_reference(ref, cfg.head, seed=cfg.value.seed) if args.init == "reference" \
         else build_value(cfg.value, cfg.head)
     if cfg.value_pretrain.walks and not args.no_warm_up:
-        value = exp.pretrain_value(cfg, value, train_split)
+        value = pretrain_value(cfg.value_pretrain, cfg.graph, value, train_split, seed=cfg.seed)
     optimizer = train.make_optimizer(train.OptimizerConfig(learning_rate=args.lr, weight_decay=0.0,
                                                            warmup_steps=args.warmup_steps))
     state = train.init_state(value, optimizer, jax.random.key(0))
-    epoch = train.make_train_epoch(lambda m, b: train.value_loss(m, b), optimizer)
-    atoms = jnp.linspace(0.0, 1.0, cfg.head.num_atoms)
+    epoch = train.make_train_epoch(objectives.value_loss, optimizer)
+    atoms = cfg.head.atoms
     success = jax.jit(lambda m, t, a: jax.nn.softmax(m(t, a)) @ atoms)  # [N, T]
 
     first = cfg.graph.prompt_length - 1  # the prefix ending at "=": the value before the answer
@@ -84,8 +87,7 @@ def main() -> None:
     report("init")
     rng = np.random.default_rng(0)
     for e in range(args.epochs):
-        state, _ = train.fit_epochs(state, epoch, data, epochs=1, batch_size=args.batch_size, rng=rng,
-                                    desc=f"epoch {e + 1}")
+        state, _ = train.fit(state, epoch, data, epochs=1, batch_size=args.batch_size, rng=rng, desc=f"epoch {e + 1}")
         report(str(e + 1))
 
 

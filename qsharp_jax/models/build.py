@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -16,9 +17,16 @@ from qsharp_jax.models.value import HeadConfig, ValueModel, value_from_hf, value
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    """``hf_path`` set: load that local Hugging Face directory (sizes below are ignored).
-    Otherwise a randomly initialized decoder of these sizes, Llama-style (RMSNorm, SwiGLU, RoPE) or
-    GPT-2-style (LayerNorm, GELU MLP, learned positions, biases, tied embeddings)."""
+    """A model to build: a local Hugging Face checkpoint, or a fresh decoder of given sizes.
+
+    Fields:
+      hf_path: a local Hugging Face directory to load (then the sizes below are ignored).
+      architecture: of a fresh model: ``llama`` (RMSNorm, SwiGLU, RoPE) or ``gpt2`` (LayerNorm,
+        GELU MLP, learned positions, biases, tied embeddings).
+      vocab_size, hidden_size, num_layers, num_heads, mlp_dim, max_positions: its sizes (head
+        dimension = hidden_size / num_heads).
+      seed: of the random initialization (and of a value model's fresh head).
+    """
 
     hf_path: str | None = None
     architecture: Literal["llama", "gpt2"] = "llama"
@@ -55,3 +63,10 @@ def build_value(spec: ModelSpec, head: HeadConfig, dtype=jnp.float32) -> ValueMo
     if spec.hf_path:
         return value_from_hf(spec.hf_path, head, seed=spec.seed, dtype=dtype)
     return value_from_scratch(spec.transformer_config(), head, seed=spec.seed, dtype=dtype)
+
+
+def clone(module: nnx.Module) -> nnx.Module:
+    """An independent copy of an NNX module (its own parameter buffers: training the copy, whose
+    state is donated to the train step, leaves the original untouched)."""
+    graphdef, state = nnx.split(module)
+    return nnx.merge(graphdef, jax.tree.map(jnp.copy, state))

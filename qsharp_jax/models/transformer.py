@@ -45,7 +45,23 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
-    """Architecture of a decoder-only transformer (hashable: it is static under jit)."""
+    """Architecture of a decoder-only transformer (hashable: it is static under jit). Usually made
+    from a Hugging Face ``config.json`` (``gpt2.config_from_hf``, ``llama.config_from_hf``).
+
+    Fields:
+      vocab_size, hidden_size, num_layers: sizes; num_heads / num_kv_heads: query and key-value
+        heads (grouped-query attention when fewer KV heads); head_dim: per head; mlp_dim: the MLP's
+        inner width; max_positions: the longest sequence (learned positions' table size).
+      norm, norm_eps: LayerNorm (GPT-2) or RMSNorm (Llama) and its epsilon.
+      mlp, activation: ``gelu`` (GPT-2's two-matrix MLP) or ``gated`` (SwiGLU-style) and its
+        activation name.
+      positions, rope_theta, rope_scaling: learned absolute positions or RoPE (base, and Llama-3 /
+        linear scaling as HF's ``rope_scaling`` items).
+      qkv_bias, out_bias, mlp_bias: biases (GPT-2: all; Qwen2: q/k/v only; Llama: none).
+      tie_embeddings: the LM head is the embedding's transpose.
+      sliding_window: Mistral's attention window (None: full attention).
+      model_type: the Hugging Face family name, for messages and loading.
+    """
 
     vocab_size: int
     hidden_size: int

@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -29,15 +30,47 @@ from qsharp_jax.models.transformer import Transformer, TransformerConfig, linear
 
 @dataclasses.dataclass(frozen=True)
 class HeadConfig:
+    """The value head: what it predicts and over which return range.
+
+    Fields:
+      kind: ``categorical`` (logits over ``num_atoms`` atoms: Q♯ and CD guidance), ``bernoulli``
+        (one logit, P(R = 1), for 0/1 rewards) or ``scalar`` (a regression value, the MSE baseline).
+      num_atoms: atoms of a categorical head (paper: 11). Ignored by the other kinds.
+      v_min, v_max: the return range the atoms cover, ``linspace(v_min, v_max, num_atoms)``; the
+        task's rewards must lie inside it (checked before a run starts). Default [0, 1].
+      q_type: False (V-type): one output per position, the value of the prefix ending there;
+        True (Q-type): one output per vocabulary item, every next token's value at once (small
+        vocabularies only).
+    """
+
     kind: Literal["categorical", "bernoulli", "scalar"] = "categorical"
     num_atoms: int = 11
     q_type: bool = False
+    v_min: float = 0.0
+    v_max: float = 1.0
 
     def __post_init__(self):
         if self.kind not in ("categorical", "bernoulli", "scalar"):
             raise ValueError(f"head kind must be categorical, bernoulli or scalar, got {self.kind!r}")
         if self.kind == "categorical" and self.num_atoms < 2:
             raise ValueError(f"a categorical head needs num_atoms >= 2, got {self.num_atoms}")
+        if not (np.isfinite(self.v_min) and np.isfinite(self.v_max) and self.v_min < self.v_max):
+            raise ValueError(f"head.v_min < head.v_max must both be finite, got v_min={self.v_min}, v_max={self.v_max}")
+        if self.kind == "bernoulli" and (self.v_min, self.v_max) != (0.0, 1.0):
+            raise ValueError(f"a bernoulli head predicts P(R = 1) for rewards in {{0, 1}}: keep v_min=0, v_max=1 "
+                             f"(got {self.v_min}, {self.v_max})")
+
+    @property
+    def atoms(self) -> np.ndarray:
+        """float32 ``[num_atoms]``: the categorical head's support. A numpy constant, so value checks
+        on it run once while tracing, never inside compiled code."""
+        with jax.ensure_compile_time_eval():  # jnp's rounding of linspace (the atoms runs were made with)
+            return np.asarray(jnp.linspace(self.v_min, self.v_max, self.num_atoms, dtype=jnp.float32))
+
+    @property
+    def reward_range(self) -> tuple[float, float]:
+        """The returns this head can represent."""
+        return float(self.v_min), float(self.v_max)
 
 
 class ValueHead(nnx.Module):

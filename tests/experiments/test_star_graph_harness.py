@@ -6,12 +6,17 @@ import json
 import numpy as np
 import pytest
 
-from qsharp_jax import config, qsharp
+from experiments.star_graph import harness as exp
+from experiments.star_graph import warmup
+from qsharp_jax import algorithm as qsharp
+from qsharp_jax import config
+from qsharp_jax.baselines import dpo
+from qsharp_jax.models.build import build_reference
 from qsharp_jax.models.value import value_from_reference
-from qsharp_jax import star_graph_experiment as exp
+from qsharp_jax.tasks import star_graph as sg
 
 TINY = dict(
-    graph={"degree": 2, "path_length": 3, "num_nodes": 5}, train_graphs=600, test_graphs=64, eval_batch=64,
+    graph={"degree": 2, "path_length": 3, "num_nodes": 5}, train_graphs=600, test_graphs=64, evaluation={"batch": 64},
     reference={"architecture": "gpt2", "vocab_size": 11, "hidden_size": 16, "num_layers": 1, "num_heads": 2,
                "mlp_dim": 32, "max_positions": 32},
     pretrain={"epochs": 2, "batch_size": 64},
@@ -28,10 +33,39 @@ def tiny(tmp_path, **changes):
 
 
 def test_every_method_runs_and_results_are_written_then_resumed(tmp_path, monkeypatch):
+    """Killed while training REINFORCE (after π_ref, Q♯ and CD were recorded), the rerun trains and
+    evaluates only REINFORCE, DPO and RPO and keeps the recorded results; a third run finds every
+    result and trains nothing.
+
+    Guards against: a resume that redoes finished methods (Algorithm 1 again) or skips the
+    unfinished ones."""
     cfg = tiny(tmp_path)
-    results = exp.run(cfg, progress=False)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed during REINFORCE")
+
+    with monkeypatch.context() as m:
+        m.setattr(exp.reinforce, "train_reinforce", killed)
+        with pytest.raises(KeyboardInterrupt):
+            exp.run(cfg, progress=False)
+    recorded = json.loads((tmp_path / "results.json").read_text())["methods"]
+    assert list(recorded) == ["pretrained", "qsharp", "cd"]
+    evaluated = []
+    real_evaluate = exp.evaluate
+
+    def evaluate(*args, desc, **kwargs):
+        evaluated.append(desc)
+        return real_evaluate(*args, desc=desc, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(exp, "evaluate", evaluate)
+        m.setattr(qsharp, "run", lambda *a, **k: pytest.fail("re-ran Algorithm 1"))
+        results = exp.run(cfg, progress=False)
+    assert evaluated == ["evaluate REINFORCE", "evaluate DPO", "evaluate RPO"]
+    assert {k: results["methods"][k] for k in recorded} == recorded
+
     assert results["graph"] == {"degree": 2, "path_length": 3, "num_nodes": 5}
-    assert set(results["methods"]) == set(exp.METHODS)
+    assert list(results["methods"]) == list(exp.METHODS)
     for name, m in results["methods"].items():
         assert set(m) == {"test_accuracy", "first_step_accuracy", "kl"}
         assert 0 <= m["test_accuracy"] <= m["first_step_accuracy"] + 1e-9 <= 1 + 1e-9, name
@@ -40,11 +74,11 @@ def test_every_method_runs_and_results_are_written_then_resumed(tmp_path, monkey
     table = (tmp_path / "results.md").read_text()
     assert all(label in table for label in exp.LABELS.values())
     assert (tmp_path / "accuracy.png").stat().st_size > 1000
-    # a second run finds every result and trains nothing
+    # a third run finds every result and trains nothing
     monkeypatch.setattr(exp, "evaluate", lambda *a, **k: pytest.fail("re-evaluated a finished method"))
     monkeypatch.setattr(qsharp, "run", lambda *a, **k: pytest.fail("re-ran Algorithm 1"))
     assert exp.run(cfg, progress=False)["methods"] == results["methods"]
-    with pytest.raises(ValueError, match="holds results of another config"):
+    with pytest.raises(ValueError, match=r"results.json was written with another config; fields that differ: seed"):
         exp.run(tiny(tmp_path, seed=1), progress=False)
 
 
@@ -63,20 +97,21 @@ def test_bad_configs_are_refused(tmp_path):
         tiny(tmp_path, graph={"degree": 3, "path_length": 3, "num_nodes": 5})
 
 
-def test_preference_pairs_need_a_wrong_sample(tmp_path, monkeypatch):
+def test_preference_pairs_need_a_wrong_sample(tmp_path):
     cfg = tiny(tmp_path)
-    train, _ = exp.sg.make_splits(cfg.graph, train=64, test=8, seed=0)
-    ref = exp.build_reference(cfg.reference)
-    monkeypatch.setattr(exp.sg, "score", lambda g, answers, *a: (np.ones(len(answers)), np.ones(len(answers))))
+    train, _ = sg.make_splits(cfg.graph, train=64, test=8, seed=0)
+    ref = build_reference(cfg.reference)
+    always_right = lambda prompts, completions, mask: np.ones(len(prompts))  # noqa: E731
     with pytest.raises(ValueError, match="no rejected answer for DPO/RPO"):
-        exp.preference_pairs(cfg, ref, train, progress=False)
+        dpo.preference_pairs(cfg.preference, ref, train.prompts, np.ones(train.prompts.shape, bool), train.answers,
+                             lambda *a: exp.sample(cfg, *a), always_right, progress=False)
 
 
 @pytest.mark.parametrize("name", ["demo", "g2_5_small", "g2_5", "g5_5", "g3_8"])
 def test_shipped_configs_load(name):
     from pathlib import Path
 
-    cfg = config.load(exp.StarGraphConfig, Path(__file__).parent.parent / "experiments/star_graph" / f"{name}.yaml")
+    cfg = config.load(exp.StarGraphConfig, Path(__file__).parents[2] / "experiments/star_graph" / f"{name}.yaml")
     assert cfg.qsharp.max_new_tokens == cfg.graph.answer_length and cfg.qsharp.eta == 0.1 and cfg.qsharp.top_k == 10
 
 
@@ -92,19 +127,20 @@ def test_value_warm_up_learns_which_steps_are_edges(tmp_path):
                           "mlp_dim": 64, "max_positions": 32},
                pretrain={"epochs": 2, "batch_size": 32, "optimizer": {"learning_rate": 3e-3, "weight_decay": 0.0}},
                value_pretrain={"walks": 40000, "epochs": 2, "batch_size": 64})
-    train_split, test_split = exp.sg.make_splits(cfg.graph, train=cfg.train_graphs, test=500, seed=0)
-    walks = exp.sg.edge_walks(cfg.graph, test_split.prompts, np.random.default_rng(3))
+    train_split, test_split = sg.make_splits(cfg.graph, train=cfg.train_graphs, test=500, seed=0)
+    walks = warmup.edge_walks(cfg.graph, test_split.prompts, np.random.default_rng(3))
 
     def accuracy(value):
         out = value(jnp.asarray(walks["tokens"]), jnp.asarray(walks["attention_mask"]))
-        p_edge = np.asarray(jax.nn.softmax(out) @ jnp.linspace(0, 1, cfg.head.num_atoms))
+        p_edge = np.asarray(jax.nn.softmax(out) @ cfg.head.atoms)
         mask = walks["loss_mask"]
         return float(((p_edge[mask] > 0.5) == (walks["returns"][mask] > 0.5)).mean())
 
     ref = exp.pretrain_reference(cfg, train_split, progress=False)
     value = value_from_reference(ref, cfg.head, seed=1)
     before = accuracy(value)
-    after = accuracy(exp.pretrain_value(cfg, value, train_split, progress=False))
+    after = accuracy(warmup.pretrain_value(cfg.value_pretrain, cfg.graph, value, train_split, seed=cfg.seed,
+                                           progress=False))
     assert before < 0.75 and after > 0.9, (before, after)
 
 
@@ -116,20 +152,20 @@ def test_miniature_q_sharp_beats_the_shortcut_reference(tmp_path):
     step leads to the goal. Measured (seeds 0 and 1): π_ref 0.44 / 0.40 → Q♯ 0.86 / 0.88."""
     n = 64
     cfg = tiny(tmp_path, graph={"degree": 2, "path_length": 3, "num_nodes": 10}, train_graphs=20000, test_graphs=n,
-               eval_batch=4 * n,
+               evaluation={"batch": 4 * n},
                reference={"architecture": "gpt2", "vocab_size": 16, "hidden_size": 32, "num_layers": 2, "num_heads": 4,
                           "mlp_dim": 64, "max_positions": 32},
                pretrain={"epochs": 2, "batch_size": 32, "optimizer": {"learning_rate": 3e-3, "weight_decay": 0.0}},
                qsharp={"iterations": 2, "prompts_per_iteration": 4 * n, "samples_per_prompt": 2, "max_new_tokens": 6,
                        "epochs": 20, "batch_size": 32, "optimizer": {"learning_rate": 3e-3, "weight_decay": 0.0}},
                value_pretrain={"walks": 0})
-    train_split, prompts = exp.sg.make_splits(cfg.graph, train=cfg.train_graphs, test=n, seed=0)
+    train_split, prompts = sg.make_splits(cfg.graph, train=cfg.train_graphs, test=n, seed=0)
     ref = exp.pretrain_reference(cfg, train_split, progress=False)
     # four samples per prompt: accuracies over 256 answers
-    scored = exp.sg.Split(np.tile(prompts.prompts, (4, 1)), np.tile(prompts.answers, (4, 1)), prompts.graphs)
+    scored = sg.Split(np.tile(prompts.prompts, (4, 1)), np.tile(prompts.answers, (4, 1)), prompts.graphs)
     before = exp.evaluate(cfg, scored, ref, progress=False)
     value = value_from_reference(ref, cfg.head, seed=1)
-    qsharp.run(cfg.qsharp, exp.sg.StarGraphTask(cfg.graph, prompts, prompts, eval_size=n), ref, value,
+    qsharp.run(cfg.qsharp, sg.StarGraphTask(cfg.graph, prompts, prompts, eval_size=n), ref, value,
                tmp_path / "qsharp", progress=False)
     state, _ = qsharp.latest_state(cfg.qsharp, value, tmp_path / "qsharp")
     after = exp.evaluate(cfg, scored, ref, value_model=state.model(), guidance="qsharp", progress=False)

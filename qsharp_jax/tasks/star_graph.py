@@ -6,6 +6,9 @@ from ``num_nodes``. The prompt lists the shuffled edges, then the source and the
 
     ``a,b|c,d|…|y,z/src,goal=``      answer: ``src,n1,…,goal`` then EOS
 
+This module is the task: graphs, their encoding, the reward and a tokenizer. The paper's
+six-method comparison on it lives in ``experiments/star_graph/``.
+
 Every token is a node label or one of ``, | / =`` or EOS/PAD, so prompts have one fixed length
 ``4·edges + 4`` and answers ``2·path_length`` tokens (EOS included). Next-token training learns a
 "Clever Hans" shortcut: after the first step each next node is the unique successor of the
@@ -26,7 +29,11 @@ COMMA, BAR, SLASH, EQUALS, EOS, PAD = ",", "|", "/", "=", "<eos>", "<pad>"
 
 @dataclasses.dataclass(frozen=True)
 class GraphConfig:
-    """Shape of the star graphs: G(degree, path_length) over ``num_nodes`` labels."""
+    """Shape of the star graphs: G(degree, path_length) over ``num_nodes`` labels.
+
+    Fields: degree (arms from the source; paper: 2, 5, 3), path_length (nodes on a source-to-leaf
+    path, source included; paper: 5, 5, 8), num_nodes (the label alphabet; paper: 50).
+    """
 
     degree: int = 2
     path_length: int = 5
@@ -240,7 +247,7 @@ def save_tokenizer(cfg: GraphConfig, directory: str | Path) -> Path:
     return directory
 
 
-def _edges_of(cfg: GraphConfig, prompts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def edges_of(cfg: GraphConfig, prompts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The edge list of each prompt: heads and tails int ``[n, edges]``, in prompt order."""
     if prompts.ndim != 2 or prompts.shape[1] != cfg.prompt_length:
         raise ValueError(f"prompts must be [n, {cfg.prompt_length}] for G({cfg.degree}, {cfg.path_length}), "
@@ -256,7 +263,7 @@ def paths_from_prompts(cfg: GraphConfig, prompts: np.ndarray) -> np.ndarray:
     :func:`encode_prompts` for this ``cfg``).
     """
     prompts = np.asarray(prompts)
-    heads, tails = _edges_of(cfg, prompts)
+    heads, tails = edges_of(cfg, prompts)
     n = len(prompts)
     source, goal = prompts[:, -4], prompts[:, -2]
     pred = np.full((n, Vocabulary(cfg.num_nodes).size), -1, np.int64)
@@ -272,54 +279,23 @@ def paths_from_prompts(cfg: GraphConfig, prompts: np.ndarray) -> np.ndarray:
     return path
 
 
-def edge_walks(cfg: GraphConfig, prompts: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Reward-free auxiliary data: after each prompt, a walk ``x1,x2,…,xL`` (L = path_length) over
-    the prompt's nodes, each step following one of the current node's edges with probability 1/2
-    (when it has one) and jumping to a uniformly drawn node of the graph otherwise. The label of
-    node x_i (i ≥ 2) is whether (x_{i−1}, x_i) is an edge of the prompt — read off the prompt alone,
-    never from the answer or a reward.
-
-    Returns ``tokens`` int32 ``[n, P + 2L − 1]``, ``attention_mask`` bool, ``loss_mask`` bool (the
-    labelled nodes) and ``returns`` float32 (the labels there, 0 elsewhere), all ``[n, T]``.
-    """
-    prompts = np.asarray(prompts)
-    heads, tails = _edges_of(cfg, prompts)
-    n, walk = len(prompts), cfg.path_length
-    nodes = np.concatenate([heads, tails], axis=1)  # every node of the graph (with repeats)
-    rows = np.arange(n)
-
-    def any_node():
-        return nodes[rows, rng.integers(0, nodes.shape[1], n)]
-
-    suffix = np.full((n, 2 * walk - 1), Vocabulary(cfg.num_nodes).comma, np.int64)
-    labels = np.zeros((n, 2 * walk - 1), np.float32)
-    labelled = np.zeros((n, 2 * walk - 1), bool)
-    current = suffix[:, 0] = any_node()
-    for i in range(1, walk):
-        out_edges = heads == current[:, None]  # [n, E]
-        # one of the current node's edges at random: the largest random score among them
-        pick = np.argmax(np.where(out_edges, rng.random(out_edges.shape), -1.0), axis=1)
-        follow = out_edges.any(axis=1) & (rng.random(n) < 0.5)
-        step = np.where(follow, tails[rows, pick], any_node())
-        labels[:, 2 * i] = (out_edges & (tails == step[:, None])).any(axis=1)
-        labelled[:, 2 * i] = True
-        suffix[:, 2 * i] = current = step
-    tokens = np.concatenate([prompts, suffix], axis=1).astype(np.int32)
-    pad = np.zeros(prompts.shape, bool)
-    return {"tokens": tokens, "attention_mask": np.ones(tokens.shape, bool),
-            "loss_mask": np.concatenate([pad, labelled], axis=1),
-            "returns": np.concatenate([pad.astype(np.float32), labels], axis=1)}
-
-
 @dataclasses.dataclass(frozen=True)
 class StarGraphTask:
-    """The driver's task (``qsharp_jax.qsharp.Task``): prompts from a train split, evaluation on
+    """Algorithm 1's task (:class:`qsharp_jax.tasks.Task`): prompts from a train split, evaluation on
     (a slice of) the test split, reward 1 iff the whole path is right."""
 
     cfg: GraphConfig
     train: Split
     test: Split
-    eval_size: int = 512  # per-iteration evaluation of the driver; the harness evaluates all of test
+    eval_size: int = 512  # per-iteration evaluation of the driver; an experiment may evaluate all of test
+    reward_range: tuple[float, float] = (0.0, 1.0)
+
+    @classmethod
+    def make(cls, cfg: GraphConfig = GraphConfig(), *, train: int = 200_000, test: int = 20_000, seed: int = 0,
+             eval_size: int = 512) -> "StarGraphTask":
+        """The task on fresh splits (:func:`make_splits`; paper sizes by default)."""
+        train_split, test_split = make_splits(cfg, train=train, test=test, seed=seed)
+        return cls(cfg, train_split, test_split, eval_size)
 
     @property
     def eos_id(self) -> int:

@@ -13,8 +13,8 @@ from flax import nnx
 
 from qsharp_jax.models.transformer import Transformer, TransformerConfig
 from qsharp_jax.models.value import HeadConfig, ValueModel
-from qsharp_jax.qsharp import AlgorithmConfig, run
-from qsharp_jax.tasks import PlantedTokenTask
+from qsharp_jax.algorithm import AlgorithmConfig, run
+from qsharp_jax.tasks.planted_token import PlantedTokenTask
 from qsharp_jax.train import OptimizerConfig
 
 V = 8
@@ -70,15 +70,15 @@ def test_bad_rewards_are_refused(tmp_path):
         def reward(self, prompts, completions, mask):
             return np.zeros(3)
 
-    with pytest.raises(ValueError, match="reward_fn returned shape"):
+    with pytest.raises(ValueError, match="task.reward returned shape"):
         run(algo, WrongShape(), ref, value, tmp_path / "b", progress=False)
 
 
 RUNNER = """
 import sys
 sys.path.insert(0, {tests!r})
-from test_qsharp import build
-from qsharp_jax.qsharp import run
+from test_algorithm import build
+from qsharp_jax.algorithm import run
 algo, task, ref, value = build()
 run(algo, task, ref, value, {run_dir!r}, progress=False)
 """
@@ -114,8 +114,9 @@ def test_identical_rewards_warn_and_keep_the_value_model(tmp_path):
     with pytest.warns(UserWarning, match="all 192 rewards are identical"):
         history = run(algo, Hopeless(), ref, value, tmp_path, progress=False)
     assert np.isnan(history[0]["fit_loss"]) and history[0]["guided_reward"] == 0.0
-    with pytest.raises(ValueError, match="at least one prompt"):
+    with pytest.raises(ValueError, match="must be >= 1: prompts_per_iteration=0"):  # refused before any work
         run(dataclasses.replace(algo, prompts_per_iteration=0), task, ref, value, tmp_path / "empty", progress=False)
+    assert not (tmp_path / "empty").exists()
 
 
 def test_two_iterations_beat_reference_at_lower_kl_than_cd(tmp_path):
@@ -205,7 +206,7 @@ def test_rollouts_in_chunks_of_rollout_batch(tmp_path):
 
     import jax
 
-    from qsharp_jax import qsharp, rollout
+    from qsharp_jax import algorithm as qsharp, rollout
 
     algo, task, ref, value = build()
     algo = dataclasses.replace(algo, rollout_batch=3)
@@ -226,7 +227,7 @@ def test_rollouts_in_chunks_of_rollout_batch(tmp_path):
     # one chunk: the key itself, as before rollout_batch existed
     whole = qsharp._generate(dataclasses.replace(algo, rollout_batch=7), ref, prompts, mask, key, switch_time=switch, **kw)
     np.testing.assert_array_equal(whole.tokens, rollout.generate(ref, prompts, mask, key=key, switch_time=switch, **kw).tokens)
-    with pytest.raises(ValueError, match="rollout_batch must be >= 1"):
+    with pytest.raises(ValueError, match="must be >= 1: rollout_batch=0"):
         dataclasses.replace(algo, rollout_batch=0)
     # the driver runs with chunked collection and evaluation
     history = run(dataclasses.replace(algo, iterations=1, epochs=2), task, ref, value, tmp_path, progress=False)

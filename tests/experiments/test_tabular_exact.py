@@ -13,7 +13,8 @@ import numpy as np
 import optax
 import pytest
 
-from qsharp_jax import guidance, losses, tabular
+from experiments.tabular import exact as tabular
+from qsharp_jax import guidance, losses
 
 ATOMS = np.linspace(0.0, 1.0, 11)
 Z = jnp.asarray(ATOMS, jnp.float32)

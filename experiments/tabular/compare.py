@@ -16,12 +16,18 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from qsharp_jax import guidance, tabular
+from experiments.tabular import exact as tabular
+from qsharp_jax import guidance
 
 
 @dataclasses.dataclass(frozen=True)
 class TabularConfig:
-    """Which trees to solve. Each (depth, vocab) pair is run for every η and seed."""
+    """Which trees to solve. Each (depth, vocab) pair is run for every η and seed.
+
+    Fields: depths (tokens per sequence), vocabs (alphabet sizes), etas (η, > 0), seeds (of the
+    random trees), num_atoms (on [0, 1]; the rewards are drawn from these), plot (PNG of the
+    Theorem 4.1 curve, or null).
+    """
 
     depths: tuple[int, ...] = (2, 3, 4)
     vocabs: tuple[int, ...] = (2, 3, 5)
@@ -29,6 +35,13 @@ class TabularConfig:
     seeds: tuple[int, ...] = (0,)
     num_atoms: int = 11
     plot: str | None = "runs/tabular/objective_vs_eta.png"
+
+    def __post_init__(self):
+        if not all(e > 0 for e in self.etas):
+            raise ValueError(f"etas (η, the KL coefficient) must all be > 0, got {list(self.etas)}")
+        if not all(d >= 1 for d in self.depths) or not all(v >= 2 for v in self.vocabs) or self.num_atoms < 2:
+            raise ValueError(f"need depths >= 1, vocabs >= 2 and num_atoms >= 2, got {list(self.depths)}, "
+                             f"{list(self.vocabs)}, {self.num_atoms}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Small built-in tasks for Algorithm 1 (see ``qsharp_jax.qsharp.Task``)."""
+"""The planted-token task: a toy with a known answer, for tests and a first ``qsharp train``."""
 
 from __future__ import annotations
 
@@ -16,11 +16,12 @@ class PlantedTokenTask:
     model fitted on π_ref's own rollouts lets Q♯ guidance find it.
     """
 
-    vocab_size: int = 8
-    num_keys: int = 3
-    eval_per_key: int = 32
+    vocab_size: int = 8  # must equal π_ref's vocabulary
+    num_keys: int = 3  # prompts x in 1..num_keys
+    eval_per_key: int = 32  # evaluation prompts per key
     eos_id: int | None = None
     pad_id: int = 0
+    reward_range: tuple[float, float] = (0.0, 1.0)
 
     def __post_init__(self):
         if 2 * self.num_keys + 1 >= self.vocab_size + 1 or self.num_keys < 1:
@@ -40,5 +41,3 @@ class PlantedTokenTask:
     def reward(self, prompts: np.ndarray, completions: np.ndarray, mask: np.ndarray) -> np.ndarray:
         return ((completions[:, 0] == prompts[:, 1] + self.num_keys + 1) & mask[:, 0]).astype(np.float32)
 
-
-TASKS = {"planted_token": PlantedTokenTask}

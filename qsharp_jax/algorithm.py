@@ -1,0 +1,302 @@
+"""Algorithm 1 of Q♯ as one resumable driver: collect → aggregate → fit → evaluate → checkpoint.
+
+Metrics go to ``run_dir/metrics.jsonl`` (one line per iteration) and TensorBoard
+(``run_dir/tensorboard``); ``qsharp plot RUN_DIR`` draws them.
+
+Iteration i: sample prompts, draw a switch time h per sample uniformly over the response, roll in
+with the current guided policy for h tokens (iteration 0: π_ref throughout) and roll out with
+π_ref, label with the task's reward, append to the on-disk aggregate, fit the value model on all
+data so far, evaluate the guided policy and π_ref, and checkpoint.
+
+Everything an iteration draws is keyed by (seed, iteration), so a run that is killed at any point
+and restarted with the same command continues from its last complete step and ends exactly where
+an uninterrupted run would: data already on disk is reused, the train state comes from the
+newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+from tensorboardX import SummaryWriter
+from tqdm import tqdm
+
+from qsharp_jax import config as config_lib
+from qsharp_jax import objectives, rollout
+from qsharp_jax import sharding as sharding_lib
+from qsharp_jax.checkpoint import Checkpoints
+from qsharp_jax.models.transformer import Transformer
+from qsharp_jax.models.value import ValueModel
+from qsharp_jax.storage import RolloutStore, atomic_write
+from qsharp_jax.tasks import Task
+from qsharp_jax.train import OptimizerConfig, TrainState, fit, init_state, make_optimizer, make_train_epoch, state_shardings
+
+__all__ = ["AlgorithmConfig", "Task", "check_setup", "evaluate", "guidance_args", "latest_state", "run", "sampling_settings"]
+
+Guidance = Literal["qsharp", "cd", "bernoulli"]
+ValueLoss = Literal["categorical", "bernoulli", "mse", "categorical_bellman"]
+
+
+@dataclasses.dataclass(frozen=True)
+class AlgorithmConfig:
+    """Algorithm 1's settings (the paper's values for its math runs in brackets where it states one).
+
+    Fields:
+      iterations: rounds of collect → aggregate → fit → evaluate. A run can be extended later.
+      prompts_per_iteration: prompts drawn from the task per round.
+      samples_per_prompt: rollouts per prompt (each with its own switch time).
+      max_new_tokens: response length bound; switch times are drawn uniformly in [0, max_new_tokens).
+      eta: η, the KL coefficient (> 0; small = strong guidance). The official code's flag is 1/η.
+      top_k: π_ref's candidates a V-type value model scores, and the final policy's top-k.
+      temperature: of the final (guided) policy when sampling (> 0).
+      guidance: ``qsharp`` (the optimal offset; categorical head), ``cd`` (the mean return,
+        CD/VAS; categorical head) or ``bernoulli`` (Q♯ for 0/1 rewards; Bernoulli head).
+      loss: the value fit: ``categorical`` (Q♯'s distributional MLE), ``bernoulli``, ``mse``
+        (scalar head) or ``categorical_bellman`` (distributional Bellman evaluation of π_ref).
+      epochs: passes over all data aggregated so far, per iteration.
+      batch_size: examples per optimizer step.
+      warm_start: keep fitting one value model (False: re-initialize it every iteration).
+      drop_no_variation: fit only prompts whose samples got different rewards.
+      seed: every draw is keyed by (seed, iteration, row).
+      keep_checkpoints: how many of the newest checkpoints to keep (>= 1).
+      rollout_batch: rows per ``rollout.generate`` call; lower it when rollouts run out of memory
+        (the KV caches of π_ref and the value model, k candidates per row with V-type guidance).
+      optimizer: the value model's optimizer.
+    """
+
+    iterations: int = 3
+    prompts_per_iteration: int = 64
+    samples_per_prompt: int = 4
+    max_new_tokens: int = 16
+    eta: float = 0.1
+    top_k: int = 10
+    temperature: float = 1.0
+    guidance: Guidance = "qsharp"
+    loss: ValueLoss = "categorical"
+    epochs: int = 2
+    batch_size: int = 32
+    warm_start: bool = True
+    drop_no_variation: bool = False
+    seed: int = 0
+    keep_checkpoints: int = 2
+    rollout_batch: int = 4096
+    optimizer: OptimizerConfig = OptimizerConfig(learning_rate=1e-3, weight_decay=0.0)
+
+    def __post_init__(self):
+        positive = ("iterations", "prompts_per_iteration", "samples_per_prompt", "max_new_tokens", "top_k", "epochs",
+                    "batch_size", "keep_checkpoints", "rollout_batch")
+        bad = [f"{name}={getattr(self, name)}" for name in positive if getattr(self, name) < 1]
+        if bad:
+            raise ValueError(f"algorithm: these must be >= 1: {', '.join(bad)}")
+        if not self.eta > 0:
+            raise ValueError(f"algorithm.eta (the KL coefficient η) must be > 0, got {self.eta}; the official "
+                             "code's `eta` flag is 1/η")
+        if not self.temperature > 0:
+            raise ValueError(f"algorithm.temperature must be > 0, got {self.temperature}")
+        if self.guidance not in ("qsharp", "cd", "bernoulli"):
+            raise ValueError(f"algorithm.guidance must be qsharp, cd or bernoulli, got {self.guidance!r}")
+        if self.loss not in objectives.HEAD_OF_LOSS:
+            raise ValueError(f"algorithm.loss must be one of {', '.join(objectives.HEAD_OF_LOSS)}, got {self.loss!r}")
+
+
+# Fields that may change when a run is resumed: more `iterations` extend it, `keep_checkpoints`
+# changes nothing computed. (`rollout_batch` does: each chunk of rows draws from its own key.)
+RESUMABLE_FIELDS = ("iterations", "keep_checkpoints")
+
+
+def check_setup(cfg: AlgorithmConfig, task: Task, ref: Transformer, value: ValueModel) -> None:
+    """Everything about a run that can be checked before any work: the value head fits the loss
+    and the guidance, top-k fits the vocabulary, the atoms cover the task's rewards."""
+    head = value.head_cfg
+    objectives.check_loss_fits_head(cfg.loss, head)
+    needed = "bernoulli" if cfg.guidance == "bernoulli" else "categorical"
+    if head.kind != needed:
+        raise ValueError(f"guidance={cfg.guidance!r} needs a {needed} value head, the value model has {head.kind!r}")
+    if ref.cfg.vocab_size != value.vocab_size:
+        raise ValueError(f"value model vocabulary ({value.vocab_size}) differs from π_ref's ({ref.cfg.vocab_size})")
+    task_vocab = getattr(task, "vocab_size", ref.cfg.vocab_size)
+    if task_vocab != ref.cfg.vocab_size:
+        raise ValueError(f"the task uses {task_vocab} tokens, π_ref has {ref.cfg.vocab_size}")
+    if cfg.top_k > ref.cfg.vocab_size:
+        raise ValueError(f"algorithm.top_k={cfg.top_k} exceeds π_ref's vocabulary of {ref.cfg.vocab_size} tokens")
+    lo, hi = task.reward_range
+    if lo < head.v_min or hi > head.v_max:
+        raise ValueError(f"the task's rewards lie in [{lo:g}, {hi:g}] but the value head's atoms cover "
+                         f"[{head.v_min:g}, {head.v_max:g}]; set head.v_min / head.v_max to cover the rewards")
+
+
+def _records(prompts, prompt_mask, out: rollout.Rollout, switch: np.ndarray, rewards, group) -> dict[str, np.ndarray]:
+    """Value-training records: fit the prefixes ending at the last roll-in token or later."""
+    tokens = np.concatenate([prompts, np.asarray(out.tokens)], axis=1)
+    attention = np.concatenate([prompt_mask, np.asarray(out.mask)], axis=1)
+    p = prompts.shape[1]
+    position = np.arange(tokens.shape[1])[None, :]
+    loss_mask = (position >= p - 1 + switch[:, None]) & attention
+    return {"tokens": tokens.astype(np.int32), "attention_mask": attention, "loss_mask": loss_mask,
+            "rewards": rewards.astype(np.float32), "group": group.astype(np.int64)}
+
+
+def _check_rewards(rewards: Any, n: int, task: Task) -> np.ndarray:
+    """The task's rewards, checked where they enter: shape, finite, inside its reward range."""
+    rewards = np.asarray(rewards, np.float64)
+    if rewards.shape != (n,):
+        raise ValueError(f"task.reward returned shape {rewards.shape}, expected ({n},)")
+    if not np.all(np.isfinite(rewards)):
+        raise ValueError(f"task.reward returned non-finite rewards: {rewards[~np.isfinite(rewards)][:5]}")
+    lo, hi = task.reward_range
+    if rewards.min() < lo or rewards.max() > hi:
+        raise ValueError(f"rewards must lie in [{lo:g}, {hi:g}] (the task's reward_range); got "
+                         f"{rewards.min():g} .. {rewards.max():g}")
+    return rewards
+
+
+def run(
+    cfg: AlgorithmConfig, task: Task, ref: Transformer, value: ValueModel, run_dir: str | Path, *,
+    progress: bool = True, mesh: Mesh | None = None,
+) -> list[dict[str, float]]:
+    """Run (or resume) Algorithm 1 in ``run_dir``; returns the metrics of every iteration.
+
+    With a ``mesh``, π_ref and the value model are placed by their logical-axis shardings, the
+    train step shards parameters, optimizer state and batches, and rollouts run on the mesh.
+    """
+    check_setup(cfg, task, ref, value)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config = config_lib.as_json(cfg)
+    store = RolloutStore(run_dir / "data")
+    checkpoints = Checkpoints(run_dir / "checkpoints", keep=cfg.keep_checkpoints)
+    optimizer = make_optimizer(cfg.optimizer)
+    fresh = init_state(value, optimizer, jax.random.key(cfg.seed))
+    if mesh is not None:
+        ref = sharding_lib.place(ref, mesh)
+        fresh = jax.device_put(fresh, state_shardings(fresh, mesh))
+    if cfg.loss == "categorical_bellman":
+        ref_graph, extra = nnx.split(ref)
+        top_k = None if value.head_cfg.q_type else cfg.top_k
+
+        def prepare(ref_state, batch):  # π_ref is frozen: what the targets need from it joins each batch
+            return {**batch, **objectives.reference_inputs(nnx.merge(ref_graph, ref_state), batch["tokens"],
+                                                           batch["attention_mask"], top_k=top_k)}
+
+        train_epoch = make_train_epoch(objectives.bellman_value_loss, optimizer, mesh, fresh, prepare=prepare)
+    else:
+        train_epoch = make_train_epoch(lambda m, b: objectives.value_loss(m, b, kind=cfg.loss), optimizer, mesh, fresh)
+        extra = None
+
+    restored = checkpoints.restore(fresh, config, ignore=RESUMABLE_FIELDS)
+    state, history = (restored[0], restored[1]["history"]) if restored else (fresh, [])
+    start = len(history)
+    for iteration in tqdm(range(start, cfg.iterations), desc="Q♯ iterations", disable=not progress, initial=start,
+                          total=cfg.iterations):
+        if iteration not in store.iterations():
+            store.append(iteration, _collect(cfg, task, ref, state, iteration))
+        if not cfg.warm_start:  # a copy: the train epoch donates (consumes) its input state
+            state = jax.tree.map(jnp.copy, fresh)
+        state, fitted = _fit(cfg, state, train_epoch, store.load(), iteration, progress, extra)
+        metrics = {"iteration": iteration, "examples": len(store), **fitted,
+                   **evaluate(cfg, task, ref, state, iteration)}
+        history.append(metrics)
+        with SummaryWriter(str(run_dir / "tensorboard")) as writer:
+            for name, value_ in metrics.items():
+                if name != "iteration" and np.isfinite(value_):  # NaN: a skipped fit
+                    writer.add_scalar(name, value_, iteration)
+        checkpoints.save(iteration, state, {"iteration": iteration, "config": config, "history": history})
+        atomic_write(run_dir / "metrics.jsonl", lambda f: f.write("".join(json.dumps(m) + "\n" for m in history).encode()))
+    return history
+
+
+def sampling_settings(cfg: AlgorithmConfig, task: Task) -> dict[str, Any]:
+    """Decoding settings shared by collection, evaluation and sampling."""
+    return dict(max_new_tokens=cfg.max_new_tokens, top_k=cfg.top_k, temperature=cfg.temperature,
+                eos_id=task.eos_id, pad_id=task.pad_id)
+
+
+def _generate(cfg: AlgorithmConfig, ref: Transformer, prompts, mask, key: jax.Array, **kwargs) -> rollout.Rollout:
+    """``rollout.generate`` over at most ``cfg.rollout_batch`` rows per call (chunk i samples with
+    ``fold_in(key, i)``; a single chunk with ``key`` itself). The last chunk is padded with copies of
+    the last row to the same shape, so all chunks share one compilation (fields then numpy arrays)."""
+    n, size = len(prompts), cfg.rollout_batch
+    if n <= size:
+        return rollout.generate(ref, prompts, mask, key=key, **kwargs)
+    outs = []
+    for i, start in enumerate(range(0, n, size)):
+        rows = np.minimum(np.arange(start, start + size), n - 1)
+        chunk = {k: (v[rows] if k == "switch_time" else v) for k, v in kwargs.items()}
+        out = rollout.generate(ref, prompts[rows], mask[rows], key=jax.random.fold_in(key, i), **chunk)
+        outs.append(jax.tree.map(lambda x, m=min(size, n - start): np.asarray(x)[:m], out))
+    return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
+
+
+def guidance_args(cfg: AlgorithmConfig, state: TrainState) -> dict[str, Any]:
+    """The guidance arguments of ``rollout.generate`` for the current value model."""
+    return dict(value_model=state.model(), guidance=cfg.guidance, eta=cfg.eta)
+
+
+def _collect(cfg: AlgorithmConfig, task: Task, ref: Transformer, state: TrainState, iteration: int):
+    rng = np.random.default_rng([cfg.seed, iteration, 0])
+    prompts, mask = task.sample_prompts(rng, cfg.prompts_per_iteration)
+    group = iteration * cfg.prompts_per_iteration + np.arange(len(prompts))
+    prompts, mask, group = (np.repeat(x, cfg.samples_per_prompt, axis=0) for x in (prompts, mask, group))
+    switch = rng.integers(0, cfg.max_new_tokens, size=len(prompts))  # uniform over the response
+    guided = {} if iteration == 0 else guidance_args(cfg, state)  # iteration 0 rolls in with π_ref
+    out = _generate(cfg, ref, prompts, mask, jax.random.fold_in(jax.random.key(cfg.seed), iteration),
+                    switch_time=jnp.asarray(switch), **sampling_settings(cfg, task), **guided)
+    rewards = _check_rewards(task.reward(prompts, np.asarray(out.tokens), np.asarray(out.mask)), len(prompts), task)
+    return _records(prompts, mask, out, switch, rewards, group)
+
+
+def _fit(cfg: AlgorithmConfig, state: TrainState, train_epoch, data: dict[str, np.ndarray], iteration: int,
+         progress: bool, extra=None):
+    if cfg.drop_no_variation:
+        groups, inverse = np.unique(data["group"], return_inverse=True)
+        lo = np.full(len(groups), np.inf)
+        hi = np.full(len(groups), -np.inf)
+        np.minimum.at(lo, inverse, data["rewards"])
+        np.maximum.at(hi, inverse, data["rewards"])
+        keep = (hi > lo)[inverse]
+        data = {k: v[keep] for k, v in data.items()}
+    n = len(data["rewards"])
+    if n == 0 or np.all(data["rewards"] == data["rewards"][0]):
+        warnings.warn(f"iteration {iteration}: all {n} rewards are identical; nothing to learn, value model kept",
+                      stacklevel=2)
+        return state, {"fit_examples": n, "fit_loss": float("nan"), "fit_explained_variance": float("nan")}
+    keys = ("tokens", "attention_mask", "loss_mask", "rewards")
+    state, metrics = fit(state, train_epoch, {k: data[k] for k in keys}, epochs=cfg.epochs, batch_size=cfg.batch_size,
+                         rng=np.random.default_rng([cfg.seed, iteration, 1]), last_batch="mask", extra=extra,
+                         desc=f"fit {iteration}", progress=progress)
+    return state, {"fit_examples": n, "fit_loss": metrics["loss"],
+                   "fit_explained_variance": metrics["explained_variance"]}
+
+
+def evaluate(cfg: AlgorithmConfig, task: Task, ref: Transformer, state: TrainState, iteration: int) -> dict[str, float]:
+    """Mean reward and KL to π_ref on the task's evaluation prompts, of π_ref (``ref_*``) and of
+    the guided policy (``guided_*``); the draws are keyed by (seed, iteration)."""
+    prompts, mask = task.eval_prompts()
+    key = jax.random.fold_in(jax.random.key(cfg.seed + 1), iteration)
+    results = {}
+    for name, extra in (("ref", {}), ("guided", guidance_args(cfg, state))):
+        out = _generate(cfg, ref, prompts, mask, key, **sampling_settings(cfg, task), **extra)
+        rewards = _check_rewards(task.reward(prompts, np.asarray(out.tokens), np.asarray(out.mask)), len(prompts),
+                                 task)
+        results[f"{name}_reward"] = float(rewards.mean())
+        results[f"{name}_kl"] = float(np.asarray(out.kl).mean())
+    return results
+
+
+def latest_state(cfg: AlgorithmConfig, value: ValueModel, run_dir: str | Path) -> tuple[TrainState, dict[str, Any]]:
+    """The newest checkpoint of :func:`run` in ``run_dir`` as a train state of ``value``'s structure,
+    and its metadata (``meta["iteration"]``)."""
+    template = init_state(value, make_optimizer(cfg.optimizer), jax.random.key(cfg.seed))
+    restored = Checkpoints(Path(run_dir) / "checkpoints").restore(template)
+    if restored is None:
+        raise FileNotFoundError(f"{run_dir}/checkpoints has no checkpoint yet")
+    return restored

@@ -1,0 +1,39 @@
+"""The benchmark's PyTorch Q♯ LogitsProcessor (the official code's way of guiding HF `generate`)
+computes the same guided logits as ours, so `make bench` compares like with like.
+
+Guards against: a processor whose offsets, candidate set or cache handling differ from
+``guidance.guided_logits`` (e.g. scoring candidates against a stale value-model cache: the second
+step would disagree)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+from experiments.bench.rollout_bench import ETA, NUM_ATOMS, Size, TorchQSharpProcessor, build
+from qsharp_jax import guidance
+
+TOP_K = 5
+
+
+def test_torch_processor_equals_guided_logits(tmp_path):
+    size = Size("test", 40, (1, 16, 2), (2, 16, 2))
+    ref_t, backbone_t, head_t, ref_j, value_j = build(size, tmp_path)
+    atoms = jnp.asarray(value_j.head_cfg.atoms)
+    processor = TorchQSharpProcessor(backbone_t, head_t, torch.from_numpy(np.array(atoms)), ETA, TOP_K)
+    with torch.no_grad():  # larger head weights: offsets that differ across candidates
+        head_t.weight.mul_(50.0)
+    value_j.head.kernel[...] = value_j.head.kernel[...] * 50.0
+    ids = np.random.default_rng(0).integers(1, size.vocab, size=(3, 7))
+    for step in range(2):  # the prompt, then the prompt and one more token (the processor's cache path)
+        if step:
+            ids = np.concatenate([ids, np.array([[3], [9], [27]])], axis=1)
+        ref_logits = np.asarray(ref_j(jnp.asarray(ids, jnp.int32))[:, -1])
+        with torch.no_grad():
+            got = processor(torch.from_numpy(ids), torch.from_numpy(ref_logits.copy())).numpy()
+        cand = jax.lax.top_k(jnp.asarray(ref_logits), TOP_K)[1]
+        _, cache = value_j.extend(jnp.asarray(ids, jnp.int32), value_j.init_cache(3, 16))
+        offsets = guidance.qsharp_logit_offset(value_j.score_candidates(cand, cache), atoms, ETA)
+        want = guidance.guided_logits(jnp.asarray(ref_logits), cand, offsets, others="min")
+        assert float(jnp.max(offsets) - jnp.min(offsets)) > 0.5  # guidance reorders, the check is not vacuous
+        np.testing.assert_allclose(got, np.asarray(want), rtol=1e-4, atol=1e-4)
