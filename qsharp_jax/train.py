@@ -1,5 +1,5 @@
 """Training any NNX module on any loss: optimizer, train state, jitted (optionally sharded) train
-steps and scanned epochs, and the one fit loop.
+steps and epochs, and the one fit loop.
 
 Everything here is pure: ``train_step(state, batch) -> (state, metrics)`` with the state donated.
 Parameters are a plain nested dict of arrays (``nnx.to_pure_dict``), so the optimizer state and
@@ -174,38 +174,52 @@ def make_train_epoch(
     *,
     prepare: Callable[[Any, Batch], Batch] | None = None,
 ) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
-    """``train_epoch(state, batches, extra=None) -> (state, metrics)``: many steps in one jitted
-    ``lax.scan``.
+    """``train_epoch(state, batches, extra=None) -> (state, metrics)``: one jitted step per batch
+    of a chunk.
 
-    ``batches`` holds every array with a leading steps axis (``[S, B, ...]``); metrics come back
-    per step (``[S]``). No Python runs between steps, which matters on a CPU where a small model's
-    step takes milliseconds. The state is donated. ``prepare(extra, batch) -> batch`` runs inside
-    every step before the loss, e.g. to add what a frozen π_ref (``extra``, its parameters) says
-    about the batch without materializing that for all steps at once.
+    ``batches`` holds every array with a leading steps axis (``[S, B, ...]``; numpy arrays stay on
+    the host and each step's batch is copied over as it runs); metrics come back per step
+    (``[S]``). The state is donated. ``prepare(extra, batch) -> batch`` runs inside every step
+    before the loss, e.g. to add what a frozen π_ref (``extra``, its parameters) says about the
+    batch without materializing that for all steps at once.
+
+    Why not one ``lax.scan`` over the steps: on XLA:CPU the scanned loop runs at about half the
+    speed of separate calls once the step holds no host callback (``make bench``:
+    ``experiments/bench/fit_bench.py`` measures the ways side by side).
 
     With a ``mesh`` (and a ``state`` to read shapes from), parameters and optimizer slots keep their
-    logical-axis shardings and every batch is split over ``data``/``fsdp`` (axis 1 of ``batches``),
-    as :func:`make_train_step` does for one step; ``extra`` keeps the shardings it comes with.
+    logical-axis shardings and every batch is split over ``data``/``fsdp``, as
+    :func:`make_train_step` does; ``extra`` keeps the shardings it comes with.
     """
     step = _step_fn(loss_fn, optimizer)
 
-    def epoch(state: TrainState, batches: Batch, extra: Any = None):
-        body = step if prepare is None else (lambda s, b: step(s, prepare(extra, b)))
-        return jax.lax.scan(body, state, batches)
+    def prepared_step(state: TrainState, batch: Batch, extra: Any = None):
+        return step(state, batch if prepare is None else prepare(extra, batch))
 
     if mesh is None:
-        return jax.jit(epoch, donate_argnums=0)
-    if state is None:
-        raise ValueError("make_train_epoch(mesh=...) needs `state` to derive the shardings")
-    shardings = state_shardings(state, mesh)
-    batch_sharding = NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp")))
-    jitted = jax.jit(epoch, out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())), donate_argnums=0)
-
-    def sharded_epoch(state: TrainState, batches: Batch, extra: Any = None):
+        jitted = jax.jit(prepared_step, donate_argnums=0)
+        place_state = place_batch = lambda x: x  # noqa: E731
+    else:
+        if state is None:
+            raise ValueError("make_train_epoch(mesh=...) needs `state` to derive the shardings")
+        shardings = state_shardings(state, mesh)
+        batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+        jitted = jax.jit(prepared_step, out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
+                         donate_argnums=0)
         # committed inputs carry their shardings into the jit: the state's are the step's
-        return jitted(jax.device_put(state, shardings), jax.device_put(batches, batch_sharding), extra)
+        place_state = lambda x: jax.device_put(x, shardings)  # noqa: E731
+        place_batch = lambda x: jax.device_put(x, batch_sharding)  # noqa: E731
 
-    return sharded_epoch
+    def train_epoch(state: TrainState, batches: Batch, extra: Any = None):
+        state = place_state(state)
+        metrics = []
+        for index in range(jax.tree.leaves(batches)[0].shape[0]):
+            state, out = jitted(state, place_batch(jax.tree.map(lambda x: x[index], batches)), extra)
+            metrics.append(out)
+        return state, jax.tree.map(lambda *per_step: jnp.stack(per_step), *metrics)
+
+    train_epoch.step = jitted  # the compiled step, for inspection (e.g. its jaxpr)
+    return train_epoch
 
 
 def fit(
@@ -226,7 +240,7 @@ def fit(
 
     Every epoch shuffles ``data`` (a pytree of arrays with a shared leading example axis) with
     ``rng`` and runs :func:`make_train_epoch`'s ``train_epoch`` on it, ``chunk`` steps per call (a
-    live progress bar and a bounded device copy of the data). ``last_batch``: what happens to the
+    live progress bar). ``last_batch``: what happens to the
     ``n % batch_size`` examples left over — ``"drop"`` them (a different few each epoch), or
     ``"mask"``: fill the last batch with copies of example 0 whose ``loss_mask`` is False, so every
     example is fitted (needs ``data["loss_mask"]``). ``extra`` is passed on to ``train_epoch``.
@@ -264,7 +278,7 @@ def fit(
             if last_batch == "mask":  # padding rows fit nothing
                 real = (index >= 0).reshape(index.shape + (1,) * (batches["loss_mask"].ndim - 2))
                 batches = {**batches, "loss_mask": batches["loss_mask"] & real}
-            state, out = train_epoch(state, jax.tree.map(jnp.asarray, batches), *args)
+            state, out = train_epoch(state, batches, *args)
             outs.append(out)
             bar.update(len(index))
             bar.set_postfix(loss=f"{float(out['loss'][-1]):.4f}")

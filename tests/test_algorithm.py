@@ -206,7 +206,7 @@ def test_rollouts_in_chunks_of_rollout_batch(tmp_path):
 
     import jax
 
-    from qsharp_jax import algorithm as qsharp, rollout
+    from qsharp_jax import algorithm, rollout
 
     algo, task, ref, value = build()
     algo = dataclasses.replace(algo, rollout_batch=3)
@@ -214,7 +214,7 @@ def test_rollouts_in_chunks_of_rollout_batch(tmp_path):
     switch = np.array([0, 1, 2, 0, 1, 2, 1])
     kw = dict(max_new_tokens=3, top_k=V, value_model=value, guidance="qsharp", eta=0.1)
     key = jax.random.key(5)
-    out = qsharp._generate(algo, ref, prompts, mask, key, switch_time=switch, **kw)
+    out = algorithm._generate(algo, ref, prompts, mask, key, switch_time=switch, **kw)
     assert out.tokens.shape == (7, 3) and out.kl.shape == (7,)
     for i, start in enumerate(range(0, 7, 3)):
         rows = np.minimum(np.arange(start, start + 3), 6)
@@ -225,10 +225,56 @@ def test_rollouts_in_chunks_of_rollout_batch(tmp_path):
             np.testing.assert_allclose(getattr(out, name)[start : start + m], np.asarray(getattr(expected, name))[:m],
                                        rtol=1e-6, err_msg=name)
     # one chunk: the key itself, as before rollout_batch existed
-    whole = qsharp._generate(dataclasses.replace(algo, rollout_batch=7), ref, prompts, mask, key, switch_time=switch, **kw)
+    whole = algorithm._generate(dataclasses.replace(algo, rollout_batch=7), ref, prompts, mask, key, switch_time=switch, **kw)
     np.testing.assert_array_equal(whole.tokens, rollout.generate(ref, prompts, mask, key=key, switch_time=switch, **kw).tokens)
     with pytest.raises(ValueError, match="must be >= 1: rollout_batch=0"):
         dataclasses.replace(algo, rollout_batch=0)
     # the driver runs with chunked collection and evaluation
     history = run(dataclasses.replace(algo, iterations=1, epochs=2), task, ref, value, tmp_path, progress=False)
     assert history[-1]["examples"] == algo.prompts_per_iteration * algo.samples_per_prompt
+
+
+def test_the_whole_setup_is_checked_before_any_work(tmp_path):
+    """A typo in a config choice, atoms that do not cover the task's rewards, a top-k beyond the
+    vocabulary or a loss the head cannot fit are refused before the run directory exists."""
+    from qsharp_jax import config
+    from qsharp_jax.runs import RunConfig, start_or_resume
+
+    with pytest.raises(ValueError, match="algorithm.guidance"):
+        config.load(RunConfig, None, ["algorithm.guidance=qsharpp"])
+    with pytest.raises(ValueError, match="algorithm.loss"):
+        config.load(RunConfig, None, ["algorithm.loss=categorial"])
+    with pytest.raises(ValueError, match="unknown task 'planted'"):
+        config.load(RunConfig, None, ["task=planted"])
+    base = [f"run_dir={tmp_path / 'run'}", "algorithm.top_k=8"]
+    cases = [
+        (["head.v_max=0.5"], r"rewards lie in \[0, 1\] but the value head's atoms cover \[0, 0.5\]"),
+        (["algorithm.top_k=9"], "top_k=9 exceeds π_ref's vocabulary of 8"),
+        (["algorithm.loss=mse"], "loss 'mse' does not fit a 'categorical' value head"),
+        (["head.kind=bernoulli", "algorithm.loss=bernoulli"], "guidance='qsharp' needs a categorical value head"),
+    ]
+    for overrides, message in cases:
+        with pytest.raises(ValueError, match=message):
+            start_or_resume(config.load(RunConfig, None, [*base, *overrides]), progress=False)
+        assert not (tmp_path / "run").exists(), overrides
+
+
+def test_atoms_come_from_the_head(tmp_path):
+    """A head on [0, 2]: Algorithm 1 accepts rewards up to 2 (the task says so), the loss fits them
+    on the head's atoms, and decoding guides with the same atoms."""
+    algo, task, ref, value = build()
+    head = HeadConfig("categorical", 11, v_min=0.0, v_max=2.0)
+    np.testing.assert_allclose(head.atoms, np.linspace(0, 2, 11), rtol=1e-6)
+    value = ValueModel(ref.cfg, head, rngs=nnx.Rngs(1))
+
+    class Doubled(ToyTask):
+        def reward(self, prompts, completions, mask):
+            return 2.0 * super().reward(prompts, completions, mask)
+
+    import dataclasses
+
+    history = run(dataclasses.replace(algo, iterations=2), Doubled(reward_range=(0.0, 2.0)), ref, value, tmp_path, progress=False)
+    assert history[-1]["guided_reward"] > history[-1]["ref_reward"] + 0.5  # rewards are 0 or 2 now
+    with pytest.raises(ValueError, match=r"rewards lie in \[0, 2\] but the value head's atoms cover \[0, 1\]"):
+        run(algo, Doubled(reward_range=(0.0, 2.0)), ref, ValueModel(ref.cfg, HeadConfig(), rngs=nnx.Rngs(1)), tmp_path / "narrow",
+            progress=False)

@@ -8,7 +8,7 @@ import pytest
 
 from experiments.star_graph import harness as exp
 from experiments.star_graph import warmup
-from qsharp_jax import algorithm as qsharp
+from qsharp_jax import algorithm
 from qsharp_jax import config
 from qsharp_jax.baselines import dpo
 from qsharp_jax.models.build import build_reference
@@ -59,7 +59,7 @@ def test_every_method_runs_and_results_are_written_then_resumed(tmp_path, monkey
 
     with monkeypatch.context() as m:
         m.setattr(exp, "evaluate", evaluate)
-        m.setattr(qsharp, "run", lambda *a, **k: pytest.fail("re-ran Algorithm 1"))
+        m.setattr(algorithm, "run", lambda *a, **k: pytest.fail("re-ran Algorithm 1"))
         results = exp.run(cfg, progress=False)
     assert evaluated == ["evaluate REINFORCE", "evaluate DPO", "evaluate RPO"]
     assert {k: results["methods"][k] for k in recorded} == recorded
@@ -76,7 +76,7 @@ def test_every_method_runs_and_results_are_written_then_resumed(tmp_path, monkey
     assert (tmp_path / "accuracy.png").stat().st_size > 1000
     # a third run finds every result and trains nothing
     monkeypatch.setattr(exp, "evaluate", lambda *a, **k: pytest.fail("re-evaluated a finished method"))
-    monkeypatch.setattr(qsharp, "run", lambda *a, **k: pytest.fail("re-ran Algorithm 1"))
+    monkeypatch.setattr(algorithm, "run", lambda *a, **k: pytest.fail("re-ran Algorithm 1"))
     assert exp.run(cfg, progress=False)["methods"] == results["methods"]
     with pytest.raises(ValueError, match=r"results.json was written with another config; fields that differ: seed"):
         exp.run(tiny(tmp_path, seed=1), progress=False)
@@ -165,9 +165,9 @@ def test_miniature_q_sharp_beats_the_shortcut_reference(tmp_path):
     scored = sg.Split(np.tile(prompts.prompts, (4, 1)), np.tile(prompts.answers, (4, 1)), prompts.graphs)
     before = exp.evaluate(cfg, scored, ref, progress=False)
     value = value_from_reference(ref, cfg.head, seed=1)
-    qsharp.run(cfg.qsharp, sg.StarGraphTask(cfg.graph, prompts, prompts, eval_size=n), ref, value,
+    algorithm.run(cfg.qsharp, sg.StarGraphTask(cfg.graph, prompts, prompts, eval_size=n), ref, value,
                tmp_path / "qsharp", progress=False)
-    state, _ = qsharp.latest_state(cfg.qsharp, value, tmp_path / "qsharp")
+    state, _ = algorithm.latest_state(cfg.qsharp, value, tmp_path / "qsharp")
     after = exp.evaluate(cfg, scored, ref, value_model=state.model(), guidance="qsharp", progress=False)
     assert abs(before["test_accuracy"] - 0.5) < 0.15, before  # the shortcut: a coin flip at the first step
     assert after["test_accuracy"] > before["test_accuracy"] + 0.25, (before, after)
