@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from experiments.bench.rollout_bench import ETA, NUM_ATOMS, Size, TorchQSharpProcessor, build
+from experiments.bench.rollout_bench import ETA, Size, TorchQSharpProcessor, build
 from qsharp_jax import guidance
 
 TOP_K = 5
