@@ -9,7 +9,9 @@ dataclass — types checked, nested dataclasses reached by dotted keys, unknown 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
+import json
 import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence, TypeVar
@@ -70,9 +72,6 @@ def _token(value: Any) -> str:
 
 def as_json(cfg: Any) -> Any:
     """A dataclass config (or a dict / list of them) as the plain JSON value it is saved as."""
-    import dataclasses
-    import json
-
     value = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else cfg
     return json.loads(json.dumps(value))
 

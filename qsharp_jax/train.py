@@ -191,34 +191,16 @@ def make_train_epoch(
     logical-axis shardings and every batch is split over ``data``/``fsdp``, as
     :func:`make_train_step` does; ``extra`` keeps the shardings it comes with.
     """
-    step = _step_fn(loss_fn, optimizer)
-
-    def prepared_step(state: TrainState, batch: Batch, extra: Any = None):
-        return step(state, batch if prepare is None else prepare(extra, batch))
-
-    if mesh is None:
-        jitted = jax.jit(prepared_step, donate_argnums=0)
-        place_state = place_batch = lambda x: x  # noqa: E731
-    else:
-        if state is None:
-            raise ValueError("make_train_epoch(mesh=...) needs `state` to derive the shardings")
-        shardings = state_shardings(state, mesh)
-        batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
-        jitted = jax.jit(prepared_step, out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
-                         donate_argnums=0)
-        # committed inputs carry their shardings into the jit: the state's are the step's
-        place_state = lambda x: jax.device_put(x, shardings)  # noqa: E731
-        place_batch = lambda x: jax.device_put(x, batch_sharding)  # noqa: E731
+    step = make_train_step(loss_fn, optimizer, mesh, state, prepare=prepare)
 
     def train_epoch(state: TrainState, batches: Batch, extra: Any = None):
-        state = place_state(state)
         metrics = []
         for index in range(jax.tree.leaves(batches)[0].shape[0]):
-            state, out = jitted(state, place_batch(jax.tree.map(lambda x: x[index], batches)), extra)
+            state, out = step(state, jax.tree.map(lambda x: x[index], batches), extra)
             metrics.append(out)
         return state, jax.tree.map(lambda *per_step: jnp.stack(per_step), *metrics)
 
-    train_epoch.step = jitted  # the compiled step, for inspection (e.g. its jaxpr)
+    train_epoch.step = step  # the jitted step, for inspection (e.g. its jaxpr)
     return train_epoch
 
 
@@ -292,23 +274,34 @@ def make_train_step(
     optimizer: optax.GradientTransformation,
     mesh: Mesh | None = None,
     state: TrainState | None = None,
-) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
-    """``train_step(state, batch) -> (state, metrics)``, jitted with the state donated.
+    *,
+    prepare: Callable[[Any, Batch], Batch] | None = None,
+) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+    """``train_step(state, batch, extra=None) -> (state, metrics)``, jitted with the state donated.
 
-    With a ``mesh`` (and a ``state`` to read shapes from), parameters and optimizer slots keep
-    their logical-axis shardings and the batch is split over ``data``/``fsdp``; the result equals
-    the single-device step up to float reassociation.
+    ``prepare(extra, batch) -> batch`` runs inside the step before the loss (see
+    :func:`make_train_epoch`). With a ``mesh`` (and a ``state`` to read shapes from), parameters and
+    optimizer slots keep their logical-axis shardings and the batch is split over ``data``/``fsdp``;
+    the result equals the single-device step up to float reassociation. ``extra`` keeps the
+    shardings it comes with.
     """
-
     step = _step_fn(loss_fn, optimizer)
+
+    def prepared_step(state: TrainState, batch: Batch, extra: Any = None):
+        return step(state, batch if prepare is None else prepare(extra, batch))
+
     if mesh is None:
-        return jax.jit(step, donate_argnums=0)
+        return jax.jit(prepared_step, donate_argnums=0)
     if state is None:
         raise ValueError("make_train_step(mesh=...) needs `state` to derive the shardings")
     shardings = state_shardings(state, mesh)
     # one spec for every batch array: the leading (example) axis over data x fsdp, the rest whole
     batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
-    replicated = NamedSharding(mesh, PartitionSpec())
-    return jax.jit(
-        step, in_shardings=(shardings, batch_sharding), out_shardings=(shardings, replicated), donate_argnums=0
-    )
+    jitted = jax.jit(prepared_step, out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
+                     donate_argnums=0)
+
+    def sharded_step(state: TrainState, batch: Batch, extra: Any = None):
+        # committed inputs carry their shardings into the jit: the state's are the step's
+        return jitted(jax.device_put(state, shardings), jax.device_put(batch, batch_sharding), extra)
+
+    return sharded_step

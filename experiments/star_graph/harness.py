@@ -249,6 +249,7 @@ def run(cfg: StarGraphConfig, *, progress: bool = True) -> dict[str, Any]:
             tqdm.write(f"{LABELS[name]:>20}: test accuracy {metrics['test_accuracy']:.3f}, first step "
                        f"{metrics['first_step_accuracy']:.3f}, KL {metrics['kl']:.3f}")
 
+    task = sg.StarGraphTask(g, train_split, test_split)
     started = time.time()
     ref = pretrain_reference(cfg, train_split, progress)
     todo = [m for m in cfg.methods if m not in results["methods"]]
@@ -256,7 +257,6 @@ def run(cfg: StarGraphConfig, *, progress: bool = True) -> dict[str, Any]:
         record("pretrained", started, evaluate(cfg, test_split, ref, progress=progress, desc="evaluate π_ref"))
     if {"qsharp", "cd"} & set(todo):
         started = time.time()
-        task = sg.StarGraphTask(g, train_split, test_split)
         value = value_from_reference(ref, cfg.head, seed=cfg.value.seed) if cfg.value_from_reference else \
             build_value(cfg.value, cfg.head)
         if cfg.value_pretrain.walks and cfg.value_pretrain.epochs:
@@ -269,7 +269,7 @@ def run(cfg: StarGraphConfig, *, progress: bool = True) -> dict[str, Any]:
                                                progress=progress, desc=f"evaluate {LABELS[name]}"))
                 started = time.time()
     sample_fn = functools.partial(sample, cfg)
-    reward_fn = sg.StarGraphTask(g, train_split, test_split).reward
+    reward_fn = task.reward
     train_mask = np.ones(train_split.prompts.shape, bool)
     if "reinforce" in todo:
         started = time.time()
