@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install --disable-pip-version-check -q
 
-.PHONY: install install-dev test demo tabular bench clean
+.PHONY: install install-dev test test-faults demo tabular bench clean
 
 install: $(VENV)/.runtime-installed
 install-dev: $(VENV)/.dev-installed
@@ -27,6 +27,10 @@ PYTEST_WORKERS ?= auto
 
 test: install-dev
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS)
+
+# every kill point of the fault-injection suite (make test runs a representative chain of them)
+test-faults: install-dev
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) -m faults tests/test_faults.py
 
 # the star-graph experiment end to end (π_ref pretraining, Q♯, CD, REINFORCE, DPO, RPO) into runs/demo
 demo: install

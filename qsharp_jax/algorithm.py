@@ -31,7 +31,7 @@ from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from qsharp_jax import config as config_lib
-from qsharp_jax import objectives, rollout
+from qsharp_jax import failpoints, objectives, rollout
 from qsharp_jax import sharding as sharding_lib
 from qsharp_jax.checkpoint import Checkpoints
 from qsharp_jax.models.transformer import Transformer
@@ -108,9 +108,10 @@ class AlgorithmConfig:
             raise ValueError(f"algorithm.loss must be one of {', '.join(objectives.HEAD_OF_LOSS)}, got {self.loss!r}")
 
 
-# Fields that may change when a run is resumed: more `iterations` extend it, `keep_checkpoints`
-# changes nothing computed. (`rollout_batch` does: each chunk of rows draws from its own key.)
-RESUMABLE_FIELDS = ("iterations", "keep_checkpoints")
+# Fields that may change when a run is resumed: more `iterations` extend it; `keep_checkpoints`
+# and `rollout_batch` change nothing computed (every row draws from its own key, whatever chunk
+# it is generated in).
+RESUMABLE_FIELDS = ("iterations", "keep_checkpoints", "rollout_batch")
 
 
 def check_setup(cfg: AlgorithmConfig, task: Task, ref: Transformer, value: ValueModel) -> None:
@@ -173,7 +174,7 @@ def run(
     run_dir.mkdir(parents=True, exist_ok=True)
     config = config_lib.as_json(cfg)
     store = RolloutStore(run_dir / "data")
-    checkpoints = Checkpoints(run_dir / "checkpoints", keep=cfg.keep_checkpoints)
+    checkpoints = Checkpoints(run_dir / "checkpoints", keep=cfg.keep_checkpoints, writer=True)
     optimizer = make_optimizer(cfg.optimizer)
     fresh = init_state(value, optimizer, jax.random.key(cfg.seed))
     if mesh is not None:
@@ -192,26 +193,45 @@ def run(
         train_epoch = make_train_epoch(lambda m, b: objectives.value_loss(m, b, kind=cfg.loss), optimizer, mesh, fresh)
         extra = None
 
-    restored = checkpoints.restore(fresh, config, ignore=RESUMABLE_FIELDS)
+    restored = checkpoints.restore(fresh, config, ignore=RESUMABLE_FIELDS, quarantine=True)
     state, history = (restored[0], restored[1]["history"]) if restored else (fresh, [])
     start = len(history)
     for iteration in tqdm(range(start, cfg.iterations), desc="Q♯ iterations", disable=not progress, initial=start,
                           total=cfg.iterations):
+        failpoints.reach(f"iteration/{iteration}/start")
         if iteration not in store.iterations():
             store.append(iteration, _collect(cfg, task, ref, state, iteration))
         if not cfg.warm_start:  # a copy: the train epoch donates (consumes) its input state
             state = jax.tree.map(jnp.copy, fresh)
         state, fitted = _fit(cfg, state, train_epoch, store.load(), iteration, progress, extra)
-        metrics = {"iteration": iteration, "examples": len(store), **fitted,
-                   **evaluate(cfg, task, ref, state, iteration)}
+        metrics = _strict({"iteration": iteration, "examples": len(store), **fitted,
+                           **evaluate(cfg, task, ref, state, iteration)})
         history.append(metrics)
         with SummaryWriter(str(run_dir / "tensorboard")) as writer:
             for name, value_ in metrics.items():
-                if name != "iteration" and np.isfinite(value_):  # NaN: a skipped fit
+                if name != "iteration" and value_ is not None:  # None: a skipped fit
                     writer.add_scalar(name, value_, iteration)
         checkpoints.save(iteration, state, {"iteration": iteration, "config": config, "history": history})
-        atomic_write(run_dir / "metrics.jsonl", lambda f: f.write("".join(json.dumps(m) + "\n" for m in history).encode()))
+        _write_metrics(run_dir, history, failpoint=f"metrics/{iteration}")
+    if start == cfg.iterations:  # nothing left to do, but a kill may have come between checkpoint and metrics
+        _write_metrics(run_dir, history)
     return history
+
+
+def _write_metrics(run_dir: Path, history: list[dict[str, Any]], failpoint: str | None = None) -> None:
+    """``metrics.jsonl``, one line per iteration, as the newest checkpoint has them; strict JSON
+    (``allow_nan=False``): a metric that is not a number is a bug, not a value."""
+    text = "".join(json.dumps(m, allow_nan=False) + "\n" for m in history).encode()
+    file = run_dir / "metrics.jsonl"
+    if failpoint is None and file.exists() and file.read_bytes() == text:
+        return
+    atomic_write(file, lambda f: f.write(text), failpoint=failpoint)
+
+
+def _strict(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Metrics as strict JSON values: an undefined number (e.g. the explained variance of constant
+    returns) is None (``null``), never a bare ``NaN``."""
+    return {k: None if isinstance(v, float) and not np.isfinite(v) else v for k, v in metrics.items()}
 
 
 def sampling_settings(cfg: AlgorithmConfig, task: Task) -> dict[str, Any]:
@@ -220,20 +240,28 @@ def sampling_settings(cfg: AlgorithmConfig, task: Task) -> dict[str, Any]:
                 eos_id=task.eos_id, pad_id=task.pad_id)
 
 
-def _generate(cfg: AlgorithmConfig, ref: Transformer, prompts, mask, key: jax.Array, **kwargs) -> rollout.Rollout:
-    """``rollout.generate`` over at most ``cfg.rollout_batch`` rows per call (chunk i samples with
-    ``fold_in(key, i)``; a single chunk with ``key`` itself). The last chunk is padded with copies of
-    the last row to the same shape, so all chunks share one compilation (fields then numpy arrays)."""
+def _generate(cfg: AlgorithmConfig, ref: Transformer, prompts, mask, key: jax.Array, *, failpoint: str,
+              **kwargs) -> rollout.Rollout:
+    """``rollout.generate`` over at most ``cfg.rollout_batch`` rows per call, each row keyed by its
+    global index, so the tokens do not depend on ``rollout_batch``. The last chunk is padded with
+    copies of the last row to the same shape, so all chunks share one compilation (fields then
+    numpy arrays). Raises FloatingPointError where the guidance was not finite."""
     n, size = len(prompts), cfg.rollout_batch
-    if n <= size:
-        return rollout.generate(ref, prompts, mask, key=key, **kwargs)
     outs = []
-    for i, start in enumerate(range(0, n, size)):
-        rows = np.minimum(np.arange(start, start + size), n - 1)
+    for start in range(0, n, size):
+        rows = np.minimum(np.arange(start, start + size), n - 1) if n > size else np.arange(n)
         chunk = {k: (v[rows] if k == "switch_time" else v) for k, v in kwargs.items()}
-        out = rollout.generate(ref, prompts[rows], mask[rows], key=jax.random.fold_in(key, i), **chunk)
+        out = rollout.generate(ref, prompts[rows], mask[rows], key=key, row_ids=rows, **chunk)
         outs.append(jax.tree.map(lambda x, m=min(size, n - start): np.asarray(x)[:m], out))
-    return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
+        failpoints.reach(f"{failpoint}/{start}")
+    out = jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
+    if not out.finite.all():
+        bad = np.flatnonzero(~out.finite)
+        raise FloatingPointError(
+            f"{failpoint}: the value model's guidance was NaN or infinite on {len(bad)} of {n} rows (rows "
+            f"{', '.join(map(str, bad[:8]))}{', ...' if len(bad) > 8 else ''}); its parameters are broken. "
+            "Stopped before using these samples; the checkpoints on disk are kept")
+    return out
 
 
 def guidance_args(cfg: AlgorithmConfig, state: TrainState) -> dict[str, Any]:
@@ -249,7 +277,8 @@ def _collect(cfg: AlgorithmConfig, task: Task, ref: Transformer, state: TrainSta
     switch = rng.integers(0, cfg.max_new_tokens, size=len(prompts))  # uniform over the response
     guided = {} if iteration == 0 else guidance_args(cfg, state)  # iteration 0 rolls in with π_ref
     out = _generate(cfg, ref, prompts, mask, jax.random.fold_in(jax.random.key(cfg.seed), iteration),
-                    switch_time=jnp.asarray(switch), **sampling_settings(cfg, task), **guided)
+                    failpoint=f"collect/{iteration}", switch_time=switch.astype(np.int32),
+                    **sampling_settings(cfg, task), **guided)
     rewards = _check_rewards(task.reward(prompts, np.asarray(out.tokens), np.asarray(out.mask)), len(prompts), task)
     return _records(prompts, mask, out, switch, rewards, group)
 
@@ -268,11 +297,11 @@ def _fit(cfg: AlgorithmConfig, state: TrainState, train_epoch, data: dict[str, n
     if n == 0 or np.all(data["rewards"] == data["rewards"][0]):
         warnings.warn(f"iteration {iteration}: all {n} rewards are identical; nothing to learn, value model kept",
                       stacklevel=2)
-        return state, {"fit_examples": n, "fit_loss": float("nan"), "fit_explained_variance": float("nan")}
+        return state, {"fit_examples": n, "fit_loss": None, "fit_explained_variance": None}
     keys = ("tokens", "attention_mask", "loss_mask", "rewards")
     state, metrics = fit(state, train_epoch, {k: data[k] for k in keys}, epochs=cfg.epochs, batch_size=cfg.batch_size,
                          rng=np.random.default_rng([cfg.seed, iteration, 1]), last_batch="mask", extra=extra,
-                         desc=f"fit {iteration}", progress=progress)
+                         desc=f"fit {iteration}", progress=progress, failpoint=f"fit/{iteration}")
     return state, {"fit_examples": n, "fit_loss": metrics["loss"],
                    "fit_explained_variance": metrics["explained_variance"]}
 
@@ -284,7 +313,8 @@ def evaluate(cfg: AlgorithmConfig, task: Task, ref: Transformer, state: TrainSta
     key = jax.random.fold_in(jax.random.key(cfg.seed + 1), iteration)
     results = {}
     for name, extra in (("ref", {}), ("guided", guidance_args(cfg, state))):
-        out = _generate(cfg, ref, prompts, mask, key, **sampling_settings(cfg, task), **extra)
+        out = _generate(cfg, ref, prompts, mask, key, failpoint=f"evaluate/{iteration}/{name}",
+                        **sampling_settings(cfg, task), **extra)
         rewards = _check_rewards(task.reward(prompts, np.asarray(out.tokens), np.asarray(out.mask)), len(prompts),
                                  task)
         results[f"{name}_reward"] = float(rewards.mean())

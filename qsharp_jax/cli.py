@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable, Sequence, TypeVar
 
 from qsharp_jax import config
+from qsharp_jax.lock import RunLockedError
 
 T = TypeVar("T")
 
@@ -31,15 +32,21 @@ def load_config(cls: type[T], args: argparse.Namespace) -> T:
     return config.load(cls, path, overrides)
 
 
+# What a user can cause and fix (a bad config or argument, a file or directory, a run that diverged,
+# a run directory in use): one line on stderr, exit code 2. Anything else is a bug: a traceback.
+USER_ERRORS = (ValueError, OSError, FloatingPointError, RunLockedError)
+
+
 def run_command(parser: argparse.ArgumentParser, command: Callable[[argparse.Namespace], int],
                 argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` and run ``command``; a user error ends as one line on stderr, exit code 2."""
     args = parser.parse_args(argv)
     try:
         return command(args)
-    except (ValueError, FileNotFoundError) as e:
+    except USER_ERRORS as e:
         command_name = getattr(args, "command", None)
-        parser.exit(2, f"{parser.prog}{' ' + command_name if command_name else ''}: error: {e}\n")
+        message = " ".join(str(e).split()) or type(e).__name__
+        parser.exit(2, f"{parser.prog}{' ' + command_name if command_name else ''}: error: {message}\n")
 
 
 def config_program(prog: str, description: str | None, cls_name: str, example: str,
@@ -63,7 +70,8 @@ def _train(args: argparse.Namespace) -> int:
     history = runs.start_or_resume(cfg)
     print(f"{'iteration':>9} {'examples':>8} {'fit loss':>9} {'guided reward':>13} {'π_ref reward':>12} {'KL':>7}")
     for h in history:
-        print(f"{h['iteration']:>9} {h['examples']:>8} {h['fit_loss']:>9.4f} {h['guided_reward']:>13.3f} "
+        fit_loss = "-" if h["fit_loss"] is None else f"{h['fit_loss']:.4f}"  # None: nothing to fit
+        print(f"{h['iteration']:>9} {h['examples']:>8} {fit_loss:>9} {h['guided_reward']:>13.3f} "
               f"{h['ref_reward']:>12.3f} {h['guided_kl']:>7.3f}")
     print(f"run directory: {cfg.run_dir} (metrics.jsonl, tensorboard/, checkpoints/, data/)")
     print(f"plot: {runs.plot_run(cfg.run_dir)}")
@@ -105,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ev.set_defaults(func=_eval)
     sample = sub.add_parser("sample", help="print guided samples from a run's newest checkpoint")
     sample.add_argument("run_dir")
-    sample.add_argument("--num", type=int, default=8)
+    sample.add_argument("--num", type=int, default=8, help="how many evaluation prompts to sample (>= 1)")
     sample.add_argument("--seed", type=int, default=0)
     sample.set_defaults(func=_sample)
     plot = sub.add_parser("plot", help="draw a run's learning curves to PNG")

@@ -26,10 +26,7 @@ def load(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] 
     """Build ``cls`` from an optional YAML file plus ``key=value`` overrides (overrides win)."""
     values: dict[str, Any] = {}
     if path is not None:
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: a config file must hold a mapping of field: value")
-        values = loaded
+        values = _read_yaml(Path(path))
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
@@ -40,7 +37,10 @@ def load(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] 
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ValueError(f"override {item!r}: {part!r} is not a nested config")
-        node[leaf] = yaml.safe_load(raw)
+        try:
+            node[leaf] = yaml.safe_load(raw)
+        except yaml.YAMLError as error:
+            raise ValueError(f"override {item!r}: its value is not valid YAML ({_first_line(error)})") from None
     args = _to_args(values)
     errors = io.StringIO()
     try:
@@ -50,7 +50,33 @@ def load(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] 
         # tyro's boxed message, flattened; its flags (--key) read as the key=value keys they came from
         message = " ".join(re.sub(r"[-─━│┃╭╮╰╯]{2,}|[│┃╭╮╰╯]", " ", errors.getvalue()).split())
         message = re.sub(r"\s*For full helptext.*$", "", message)
+        message = re.sub(r"\[/?[a-z][a-z ]*\]", "", message)  # tyro's rich markup ([bold]...[/bold])
         raise ValueError(f"invalid {cls.__name__} config: {message}") from exit_
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    """A config file's mapping, or a ValueError naming the file and what is wrong with it."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ValueError(f"config file {path} not found") from None
+    except IsADirectoryError:
+        raise ValueError(f"config file {path} is a directory; give a YAML file") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"config file {path} is not text (not UTF-8); give a YAML file") from None
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ValueError(f"config file {path} is not valid YAML: {_first_line(error)}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ValueError(f"config file {path} must hold a mapping of field: value, got a {type(loaded).__name__}")
+    return loaded
+
+
+def _first_line(error: Exception) -> str:
+    return " ".join(str(error).split())
 
 
 def _to_args(values: Mapping[str, Any], prefix: str = "") -> list[str]:

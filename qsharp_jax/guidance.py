@@ -152,6 +152,12 @@ def guided_logits(
         f"candidate_ids must lie in [0, V={vocab}); got ids from {{}} to {{}}",
         candidate_ids,
     )
+    # one NaN offset would turn its whole row NaN (through the row minimum): say so instead
+    _validate.check_value(
+        lambda o: (jnp.any(jnp.isnan(o)), jnp.sum(jnp.isnan(o))),
+        "offsets hold {} NaN values (a value model with NaN outputs or parameters?); guidance is undefined there",
+        offsets,
+    )
     ids = candidate_ids.reshape(-1, k)
     offs = offsets.reshape(-1, k).astype(jnp.float32)
     if others == "min":

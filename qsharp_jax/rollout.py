@@ -13,7 +13,7 @@ prompt batch, then runs a single ``lax.while_loop`` that, per step:
    KL(π_t ‖ π_ref,t) over the full next-token distributions.
 
 The loop stops as soon as every sequence has emitted EOS. Once every sequence has passed its switch
-time, the value model is no longer run. Everything is deterministic given ``key``.
+time, the value model is no longer run. Everything is deterministic given ``key`` and each row's id.
 
 π_ref,t in ``ref_logprobs`` and ``kl`` is the reference model's own next-token distribution
 (softmax of its logits, no temperature or truncation): the KL is to π_ref itself.
@@ -50,6 +50,8 @@ class Rollout:
       logprobs: float32 ``[B, N]``, log-probability under the policy actually sampled from.
       kl: float32 ``[B]``, Σ_t KL(π_t ‖ π_ref,t) over full next-token distributions.
       lengths: int32 ``[B]``, number of generated tokens (EOS included).
+      finite: bool ``[B]``, False where some step's policy had NaN log-probabilities (a value
+        model that outputs NaN or inf): that row's tokens, log-probs and KL mean nothing.
     """
 
     tokens: jax.Array
@@ -58,6 +60,7 @@ class Rollout:
     logprobs: jax.Array
     kl: jax.Array
     lengths: jax.Array
+    finite: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,13 +97,15 @@ def generate(
     pad_id: int = 0,
     atoms: jax.Array | None = None,
     cache_len: int | None = None,
+    row_ids: jax.Array | None = None,
 ) -> Rollout:
     """Sample ``max_new_tokens`` tokens after left-padded prompts, plain or value-guided.
 
     Args:
       ref_model: π_ref.
       prompt_ids, prompt_mask: ``[B, P]`` int32 / bool, left padded (every row ends with a real token).
-      key: PRNG key; the same key gives the same tokens.
+      key: PRNG key; row b samples with ``fold_in(key, row_ids[b])``, so the same key and row id
+        give the same tokens whatever other rows share the batch.
       value_model: needed when ``guidance`` is set; must share π_ref's vocabulary.
       guidance: None (plain π_ref), ``"qsharp"``/``"cd"`` (categorical head), ``"bernoulli"``.
       eta: KL coefficient η > 0 (paper's convention; the official code's flag is 1/η).
@@ -114,6 +119,8 @@ def generate(
       eos_id, pad_id: a sequence ends after emitting ``eos_id``; later slots hold ``pad_id``.
       atoms: float ``[K]`` of a categorical head; default the head's own (``HeadConfig.atoms``).
       cache_len: KV-cache slots; default ``P + max_new_tokens``.
+      row_ids: int ``[B]``, each row's identity for the random draws (default ``arange(B)``); a
+        caller that splits a batch into chunks passes the global row numbers.
     """
     prompt_ids, prompt_mask = jnp.asarray(prompt_ids), jnp.asarray(prompt_mask).astype(bool)
     chex.assert_rank(prompt_ids, 2, custom_message="prompt_ids must be [batch, prompt_len]")
@@ -164,6 +171,8 @@ def generate(
         switch_time = jnp.full((batch,), max_new_tokens, jnp.int32)
     switch_time = jnp.asarray(switch_time, jnp.int32)
     chex.assert_shape(switch_time, (batch,), custom_message="switch_time must be [batch]")
+    row_ids = jnp.arange(batch, dtype=jnp.int32) if row_ids is None else jnp.asarray(row_ids, jnp.int32)
+    chex.assert_shape(row_ids, (batch,), custom_message="row_ids must be [batch]")
 
     spec = _Spec(
         max_new_tokens=max_new_tokens, cache_len=cache_len, guidance=guidance,
@@ -174,8 +183,8 @@ def generate(
     ref_graph, ref_state = nnx.split(ref_model)
     value_graph, value_state = nnx.split(value_model) if value_model is not None else (None, None)
     return _generate(
-        ref_graph, ref_state, value_graph, value_state, prompt_ids.astype(jnp.int32), prompt_mask, key,
-        switch_time, jnp.asarray(eta, jnp.float32), None if atoms is None else jnp.asarray(atoms), spec=spec,
+        ref_graph, ref_state, value_graph, value_state, prompt_ids.astype(jnp.int32), prompt_mask,
+        jax.vmap(lambda row: jax.random.fold_in(key, row))(row_ids), switch_time, jnp.asarray(eta, jnp.float32), None if atoms is None else jnp.asarray(atoms), spec=spec,
     )
 
 
@@ -216,20 +225,20 @@ def _nucleus(values: jax.Array, top_p: float) -> jax.Array:
     return values - jax.nn.logsumexp(values, axis=-1, keepdims=True)
 
 
-def _draw(log_policy: jax.Array, ids: jax.Array, ref_at_ids: jax.Array, ref_lse: jax.Array, key: jax.Array):
+def _draw(log_policy: jax.Array, ids: jax.Array, ref_at_ids: jax.Array, ref_lse: jax.Array, keys: jax.Array):
     """Sample among candidates.
 
     Args:
       log_policy: ``[B, C]`` the final policy's log-probabilities of the candidates (from
         :func:`_nucleus`); ids: ``[B, C]`` their token ids; ref_at_ids: π_ref's raw logits there;
-        ref_lse: ``[B]`` logsumexp of π_ref's full logits.
+        ref_lse: ``[B]`` logsumexp of π_ref's full logits; keys: ``[B]`` one PRNG key per row.
 
     Returns:
       (choice ``[B]`` index into C, token, log π(token), log π_ref(token), KL(π_t ‖ π_ref,t)).
       The KL is exact: a truncated policy has no mass, hence no KL terms, off its candidates.
     """
     log_ref = ref_at_ids - ref_lse[:, None]
-    choice = jax.random.categorical(key, log_policy, axis=-1)
+    choice = jax.vmap(jax.random.categorical)(keys, log_policy)
     probs = jnp.exp(log_policy)
     kl = jnp.sum(jnp.where(probs > 0, probs * (log_policy - log_ref), 0.0), axis=-1)
     kl = jnp.maximum(kl, 0.0)  # KL >= 0; only float rounding could say otherwise
@@ -238,7 +247,7 @@ def _draw(log_policy: jax.Array, ids: jax.Array, ref_at_ids: jax.Array, ref_lse:
 
 
 @functools.partial(jax.jit, static_argnames=("ref_graph", "value_graph", "spec"))
-def _generate(ref_graph, ref_state, value_graph, value_state, prompt_ids, prompt_mask, key, switch_time, eta, atoms,
+def _generate(ref_graph, ref_state, value_graph, value_state, prompt_ids, prompt_mask, row_keys, switch_time, eta, atoms,
               *, spec: _Spec) -> Rollout:
     ref = nnx.merge(ref_graph, ref_state)
     value = nnx.merge(value_graph, value_state) if value_graph is not None else None
@@ -287,7 +296,7 @@ def _generate(ref_graph, ref_state, value_graph, value_state, prompt_ids, prompt
         return _nucleus(take(values), spec.top_p), take(cand), take(ref_top), order, kv
 
     def step(carry):
-        t, key, ref_logits, ref_cache, value_cache, value_out, out, done = carry
+        t, row_keys, ref_logits, ref_cache, value_cache, value_out, out, done = carry
         active = ~done
         guide_now = active & (t < switch_time)
         ref_lse = jax.nn.logsumexp(ref_logits, axis=-1)
@@ -301,7 +310,7 @@ def _generate(ref_graph, ref_state, value_graph, value_state, prompt_ids, prompt
                                        top_p=spec.top_p)
             ref_at_ids = jnp.take_along_axis(ref_logits, ids, axis=-1)
         choice, token, logprob, ref_logprob, kl = _draw(
-            log_policy, ids, ref_at_ids, ref_lse, jax.random.fold_in(key, t)
+            log_policy, ids, ref_at_ids, ref_lse, jax.vmap(lambda k: jax.random.fold_in(k, t))(row_keys)
         )
         token = jnp.where(active, token, spec.pad_id)
         out = {
@@ -310,6 +319,7 @@ def _generate(ref_graph, ref_state, value_graph, value_state, prompt_ids, prompt
             "logprobs": out["logprobs"].at[:, t].set(jnp.where(active, logprob, 0.0)),
             "ref_logprobs": out["ref_logprobs"].at[:, t].set(jnp.where(active, ref_logprob, 0.0)),
             "kl": out["kl"] + jnp.where(active, kl, 0.0),
+            "finite": out["finite"] & ~(active & jnp.any(jnp.isnan(log_policy), axis=-1)),
         }
         if spec.eos_id is not None:
             done = done | (token == spec.eos_id)
@@ -328,7 +338,7 @@ def _generate(ref_graph, ref_state, value_graph, value_state, prompt_ids, prompt
             value_out, value_cache = jax.lax.cond(
                 jnp.any(active & (t + 1 < switch_time)), advance, lambda: (value_out, value_cache)
             )
-        return t + 1, key, ref_logits, ref_cache, value_cache, value_out, out, done
+        return t + 1, row_keys, ref_logits, ref_cache, value_cache, value_out, out, done
 
     def cond(carry):
         t, *_, done = carry
@@ -340,7 +350,8 @@ def _generate(ref_graph, ref_state, value_graph, value_state, prompt_ids, prompt
         "logprobs": jnp.zeros((batch, n), jnp.float32),
         "ref_logprobs": jnp.zeros((batch, n), jnp.float32),
         "kl": jnp.zeros((batch,), jnp.float32),
+        "finite": jnp.ones((batch,), bool),
     }
-    carry = (jnp.int32(0), key, ref_logits, ref_cache, value_cache, value_out, out, jnp.zeros((batch,), bool))
+    carry = (jnp.int32(0), row_keys, ref_logits, ref_cache, value_cache, value_out, out, jnp.zeros((batch,), bool))
     *_, out, _ = jax.lax.while_loop(cond, step, carry)
     return Rollout(lengths=jnp.sum(out["mask"], axis=1, dtype=jnp.int32), **out)

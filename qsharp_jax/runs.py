@@ -12,8 +12,13 @@ A run directory holds ``config.json`` (the whole RunConfig), ``data/`` (the aggr
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import shutil
+import tempfile
+import time
+import warnings
 from pathlib import Path
 
 import jax
@@ -22,6 +27,7 @@ import numpy as np
 from qsharp_jax import algorithm, rollout
 from qsharp_jax import config as config_lib
 from qsharp_jax import sharding as sharding_lib
+from qsharp_jax.lock import RunLock
 from qsharp_jax.models.build import ModelSpec, build_reference, build_value
 from qsharp_jax.models.transformer import Transformer
 from qsharp_jax.models.value import HeadConfig, ValueModel
@@ -68,24 +74,76 @@ def build(cfg: RunConfig) -> tuple[Task, Transformer, ValueModel]:
     return task, ref, value
 
 
+# RunConfig fields free to change on resume (they change nothing computed): the directory's
+# spelling (a moved run, a relative path) and the algorithm's own.
+RESUMABLE_FIELDS = ("run_dir", *(f"algorithm.{f}" for f in algorithm.RESUMABLE_FIELDS))
+
+
 def start_or_resume(cfg: RunConfig, *, progress: bool = True) -> list[dict[str, float]]:
     """Build the task and models of ``cfg`` and run (or resume) Algorithm 1 in ``cfg.run_dir``;
     returns every iteration's metrics.
 
-    The full config is kept as ``run_dir/config.json``; resuming with a different one is refused
-    with the fields that differ (``algorithm.iterations`` may grow: that extends the run).
+    Everything is checked before the run directory is created or changed: the config, the task,
+    the models against each other and the task, the mesh against the devices, that ``run_dir`` can
+    be written. The run holds :class:`~qsharp_jax.lock.RunLock` while it writes. The full config
+    is kept as ``run_dir/config.json``; resuming with a different one is refused with the fields
+    that differ (:data:`RESUMABLE_FIELDS` may change), unless no iteration was completed yet: then
+    the partial run is moved to ``run_dir/abandoned-<time>/`` and the run restarts.
     """
     run_dir = Path(cfg.run_dir)
     config = config_lib.as_json(cfg)
-    saved_file = run_dir / "config.json"
-    if saved_file.exists():
-        config_lib.check_same(json.loads(saved_file.read_text()), config, str(run_dir),
-                              ignore=[f"algorithm.{f}" for f in algorithm.RESUMABLE_FIELDS])
     task, ref, value = build(cfg)
     mesh = None if cfg.mesh is None else sharding_lib.make_mesh(*cfg.mesh)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(saved_file, lambda f: f.write(json.dumps(config, indent=1).encode()))
-    return algorithm.run(cfg.algorithm, task, ref, value, run_dir, progress=progress, mesh=mesh)
+    _make_writable(run_dir)
+    with contextlib.ExitStack() as stack:
+        if jax.process_index() == 0:  # on a pod the coordinator holds the lock
+            stack.enter_context(RunLock(run_dir))
+        saved_file = run_dir / "config.json"
+        if saved_file.exists():
+            saved = _read_json(saved_file)
+            if config_lib.differences(saved, config, RESUMABLE_FIELDS):
+                if _completed_iterations(run_dir):
+                    config_lib.check_same(saved, config, str(run_dir), RESUMABLE_FIELDS)
+                _abandon(run_dir)
+        atomic_write(saved_file, lambda f: f.write(json.dumps(config, indent=1).encode()))
+        return algorithm.run(cfg.algorithm, task, ref, value, run_dir, progress=progress, mesh=mesh)
+
+
+def _make_writable(run_dir: Path) -> None:
+    """Create ``run_dir`` (or refuse, naming why) before any of the run's files."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"run_dir {run_dir} is a file, not a directory; choose another run_dir")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=run_dir).close()
+    except OSError as error:
+        raise ValueError(f"run_dir {run_dir} cannot be written ({error.strerror or error}); choose another "
+                         "run_dir or fix its permissions") from None
+
+
+def _read_json(file: Path) -> dict:
+    try:
+        return json.loads(file.read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{file} cannot be read ({error}); it is not a config.json written by qsharp train") from None
+
+
+def _completed_iterations(run_dir: Path) -> int:
+    """Iterations with a checkpoint (or a metrics line): what a restart would lose."""
+    steps = [p for p in (run_dir / "checkpoints").glob("*") if p.name.isdigit()]
+    metrics = run_dir / "metrics.jsonl"
+    return max(len(steps), len(metrics.read_text().splitlines()) if metrics.exists() else 0)
+
+
+def _abandon(run_dir: Path) -> None:
+    """Move a run that never completed an iteration aside (kept, not deleted) to start afresh."""
+    target = run_dir / f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**9:09d}"
+    target.mkdir()
+    for name in ("config.json", "data", "checkpoints", "checkpoints-corrupt", "tensorboard", "metrics.jsonl"):
+        if (run_dir / name).exists():
+            shutil.move(run_dir / name, target / name)
+    warnings.warn(f"{run_dir} had completed no iteration under its saved config; that partial run was moved to "
+                  f"{target} and the run restarts with the new config", stacklevel=3)
 
 
 def load_run(run_dir: str | Path) -> tuple[RunConfig, Task, Transformer, TrainState, int]:
@@ -107,8 +165,13 @@ def evaluate_run(run_dir: str | Path) -> dict[str, float]:
 
 def sample_run(run_dir: str | Path, num: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``num`` guided completions of the run's evaluation prompts: (prompts, tokens, rewards)."""
+    if num < 1:
+        raise ValueError(f"num must be >= 1 (how many evaluation prompts to sample), got {num}")
     cfg, task, ref, state, _ = load_run(run_dir)
     prompts, mask = task.eval_prompts()
+    if num > len(prompts):
+        raise ValueError(f"num={num} exceeds the task's {len(prompts)} evaluation prompts; ask for at most "
+                         f"{len(prompts)}")
     prompts, mask = prompts[:num], mask[:num]
     out = rollout.generate(ref, prompts, mask, key=jax.random.key(seed), **algorithm.sampling_settings(cfg.algorithm, task),
                            **algorithm.guidance_args(cfg.algorithm, state))
@@ -147,7 +210,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     axes[0].legend()
     axes[1].plot(it, [h["guided_kl"] for h in history], "o-")
     axes[1].set(title="KL(π ‖ π_ref) per sequence", xlabel="iteration")
-    axes[2].plot(it, [h["fit_loss"] for h in history], "o-", color="C3")
+    axes[2].plot(it, [np.nan if h["fit_loss"] is None else h["fit_loss"] for h in history], "o-", color="C3")
     axes[2].set(title="value-model fit loss (last epoch)", xlabel="iteration")
     for ax in axes:
         ax.set_xticks(it)

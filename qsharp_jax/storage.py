@@ -19,17 +19,25 @@ from typing import Mapping
 
 import numpy as np
 
+from qsharp_jax import failpoints
+
 MANIFEST = "manifest.json"
 
 
-def atomic_write(path: Path, write) -> None:
-    """Write through ``write(file)`` to a temp file beside ``path``, fsync, then rename over it."""
+def atomic_write(path: Path, write, failpoint: str | None = None) -> None:
+    """Write through ``write(file)`` to a temp file beside ``path``, fsync, then rename over it.
+
+    ``failpoint``: the name of this write for the fault-injection tests (``<name>/written`` before
+    the rename, ``<name>/renamed`` after it; see :mod:`qsharp_jax.failpoints`).
+    """
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if failpoint:
+            failpoints.reach(f"{failpoint}/written")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -39,14 +47,14 @@ def atomic_write(path: Path, write) -> None:
         os.fsync(dir_fd)  # make the rename itself durable
     finally:
         os.close(dir_fd)
+    if failpoint:
+        failpoints.reach(f"{failpoint}/renamed")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
+def sha256(path: Path) -> str:
+    """The hex sha256 of a file's bytes."""
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 class RolloutStore:
@@ -63,7 +71,13 @@ class RolloutStore:
         file = self.path / MANIFEST
         if not file.exists():
             return {"shards": []}
-        return json.loads(file.read_text())
+        try:
+            manifest = json.loads(file.read_text())
+            assert isinstance(manifest["shards"], list)
+        except (ValueError, KeyError, TypeError, AssertionError):
+            raise ValueError(f"{file} is corrupt (not the store's JSON manifest); the store cannot be trusted. "
+                             "Restore it from a backup, or start a new run directory") from None
+        return manifest
 
     def iterations(self) -> list[int]:
         """Iterations whose data is complete, in order."""
@@ -88,12 +102,14 @@ class RolloutStore:
             if set(arrays) != keys:
                 raise ValueError(f"iteration {iteration} has keys {sorted(arrays)}, the store has {sorted(keys)}")
         shard = self.path / f"iteration-{iteration:05d}.npz"
-        atomic_write(shard, lambda f: np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()}))
+        atomic_write(shard, lambda f: np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()}),
+                     failpoint=f"store/{iteration}/shard")
         manifest["shards"].append({
             "iteration": iteration, "file": shard.name, "examples": int(next(iter(lengths.values()))),
-            "keys": sorted(arrays), "sha256": _sha256(shard),
+            "keys": sorted(arrays), "sha256": sha256(shard),
         })
-        atomic_write(self.path / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+        atomic_write(self.path / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode()),
+                     failpoint=f"store/{iteration}/manifest")
 
     def load(self, upto: int | None = None) -> dict[str, np.ndarray]:
         """All complete iterations (``<= upto`` if given), concatenated; checksums verified.
@@ -118,7 +134,7 @@ class RolloutStore:
             raise ValueError(f"{file} is missing; the store cannot be trusted") from None
         key = (shard["file"], shard["sha256"], stat.st_size, stat.st_mtime_ns)
         if key not in self._verified:
-            if _sha256(file) != shard["sha256"]:
+            if sha256(file) != shard["sha256"]:
                 raise ValueError(f"{file} is corrupt (checksum mismatch); the store cannot be trusted")
             with np.load(file) as data:
                 self._verified[key] = {k: data[k] for k in shard["keys"]}

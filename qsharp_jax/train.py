@@ -21,6 +21,7 @@ from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
+from qsharp_jax import failpoints
 from qsharp_jax import sharding as sharding_lib
 
 Batch = dict[str, jax.Array]
@@ -152,16 +153,30 @@ def state_shardings(state: TrainState, mesh: Mesh) -> TrainState:
     )
 
 
+class NonFiniteError(FloatingPointError):
+    """A fit met a non-finite loss, gradient or update; ``state`` is the last finite train state."""
+
+    def __init__(self, message: str, state: TrainState):
+        super().__init__(message)
+        self.state = state
+
+
 def _step_fn(loss_fn, optimizer):
-    def step(state: TrainState, batch: Batch):
+    def step(state: TrainState, batch: Batch, halt: jax.Array | bool = False):
         def objective(params):
             return loss_fn(nnx.merge(state.graphdef, params), batch)
 
         (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
-        return state.replace(params=params, opt_state=opt_state, step=state.step + 1), metrics
+        grad_norm = optax.tree.norm(grads)
+        # a non-finite step (or any step after one, `halt`) leaves the state as it was: the caller
+        # reads `finite` and stops with the last good state instead of training on NaN
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
+        new = state.replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state,
+                            step=state.step + 1)
+        keep = finite & ~jnp.asarray(halt)
+        new = jax.tree.map(lambda a, b: jnp.where(keep, a, b), new, state)
+        return new, {**metrics, "loss": loss, "grad_norm": grad_norm, "finite": finite}
 
     return step
 
@@ -179,7 +194,8 @@ def make_train_epoch(
 
     ``batches`` holds every array with a leading steps axis (``[S, B, ...]``; numpy arrays stay on
     the host and each step's batch is copied over as it runs); metrics come back per step
-    (``[S]``). The state is donated. ``prepare(extra, batch) -> batch`` runs inside every step
+    (``[S]``), with ``finite`` False from the first step whose loss, gradient or update was not
+    finite: that step and every later one left the state unchanged. The state is donated. ``prepare(extra, batch) -> batch`` runs inside every step
     before the loss, e.g. to add what a frozen π_ref (``extra``, its parameters) says about the
     batch without materializing that for all steps at once.
 
@@ -195,8 +211,10 @@ def make_train_epoch(
 
     def train_epoch(state: TrainState, batches: Batch, extra: Any = None):
         metrics = []
+        finite = jnp.bool_(True)  # on the device: no host sync per step
         for index in range(jax.tree.leaves(batches)[0].shape[0]):
-            state, out = step(state, jax.tree.map(lambda x: x[index], batches), extra)
+            state, out = step(state, jax.tree.map(lambda x: x[index], batches), extra, ~finite)
+            finite = finite & out["finite"]
             metrics.append(out)
         return state, jax.tree.map(lambda *per_step: jnp.stack(per_step), *metrics)
 
@@ -217,6 +235,7 @@ def fit(
     desc: str = "fit",
     progress: bool = True,
     chunk: int = 200,
+    failpoint: str | None = None,
 ) -> tuple[TrainState, dict[str, float]]:
     """Fit on ``data`` for ``epochs`` epochs: the one fit loop of the library.
 
@@ -226,8 +245,12 @@ def fit(
     ``n % batch_size`` examples left over — ``"drop"`` them (a different few each epoch), or
     ``"mask"``: fill the last batch with copies of example 0 whose ``loss_mask`` is False, so every
     example is fitted (needs ``data["loss_mask"]``). ``extra`` is passed on to ``train_epoch``.
+    ``failpoint``: names the chunks (``<failpoint>/<epoch>/<first step>``) for
+    :mod:`qsharp_jax.failpoints`.
 
     Returns the state and the last epoch's mean metrics (over its steps; none for 0 epochs).
+    Raises :class:`NonFiniteError` (naming the epoch, step and examples; ``.state`` the last finite
+    state) at the first non-finite loss, gradient or update.
     """
     leaves = jax.tree.leaves(data)
     n = len(leaves[0])
@@ -248,7 +271,7 @@ def fit(
     args = () if extra is None else (extra,)
     metrics: dict[str, float] = {}
     bar = tqdm(total=epochs * steps, desc=desc, disable=not progress, leave=False)
-    for _ in range(epochs):
+    for epoch in range(epochs):
         order = rng.permutation(n)
         order = np.concatenate([order, np.full(steps * batch_size - n, -1)]) if last_batch == "mask" else \
             order[: steps * batch_size]
@@ -261,12 +284,30 @@ def fit(
                 real = (index >= 0).reshape(index.shape + (1,) * (batches["loss_mask"].ndim - 2))
                 batches = {**batches, "loss_mask": batches["loss_mask"] & real}
             state, out = train_epoch(state, batches, *args)
+            finite = np.asarray(out["finite"])
+            if not finite.all():
+                bar.close()
+                bad = int(np.argmin(finite))
+                examples = index[bad][index[bad] >= 0]
+                raise NonFiniteError(
+                    f"{desc}: non-finite loss {float(out['loss'][bad])}, gradient norm "
+                    f"{float(out['grad_norm'][bad])} at epoch {epoch}, step {start + bad} of {steps} (batch of "
+                    f"examples {_summary(examples)}); stopped with the last finite state. Check the data of "
+                    "those examples, and lower optimizer.learning_rate or set optimizer.clip_norm", state)
             outs.append(out)
             bar.update(len(index))
             bar.set_postfix(loss=f"{float(out['loss'][-1]):.4f}")
-        metrics = {k: float(np.mean(np.concatenate([np.asarray(o[k]) for o in outs]))) for k in outs[0]}
+            if failpoint:
+                failpoints.reach(f"{failpoint}/{epoch}/{start}")
+        metrics = {k: float(np.mean(np.concatenate([np.asarray(o[k]) for o in outs]))) for k in outs[0]
+                   if k != "finite"}
     bar.close()
     return state, metrics
+
+
+def _summary(examples: np.ndarray) -> str:
+    shown = ", ".join(str(i) for i in examples[:8])
+    return f"[{shown}{', ...' if len(examples) > 8 else ''}]"
 
 
 def make_train_step(
@@ -277,7 +318,9 @@ def make_train_step(
     *,
     prepare: Callable[[Any, Batch], Batch] | None = None,
 ) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
-    """``train_step(state, batch, extra=None) -> (state, metrics)``, jitted with the state donated.
+    """``train_step(state, batch, extra=None, halt=False) -> (state, metrics)``, jitted with the
+    state donated. A step whose loss, gradient or update is not finite (``metrics["finite"]``
+    False), or one told to ``halt``, returns the state unchanged.
 
     ``prepare(extra, batch) -> batch`` runs inside the step before the loss (see
     :func:`make_train_epoch`). With a ``mesh`` (and a ``state`` to read shapes from), parameters and
@@ -287,8 +330,8 @@ def make_train_step(
     """
     step = _step_fn(loss_fn, optimizer)
 
-    def prepared_step(state: TrainState, batch: Batch, extra: Any = None):
-        return step(state, batch if prepare is None else prepare(extra, batch))
+    def prepared_step(state: TrainState, batch: Batch, extra: Any = None, halt: jax.Array | bool = False):
+        return step(state, batch if prepare is None else prepare(extra, batch), halt)
 
     if mesh is None:
         return jax.jit(prepared_step, donate_argnums=0)
@@ -300,8 +343,8 @@ def make_train_step(
     jitted = jax.jit(prepared_step, out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
                      donate_argnums=0)
 
-    def sharded_step(state: TrainState, batch: Batch, extra: Any = None):
+    def sharded_step(state: TrainState, batch: Batch, extra: Any = None, halt: jax.Array | bool = False):
         # committed inputs carry their shardings into the jit: the state's are the step's
-        return jitted(jax.device_put(state, shardings), jax.device_put(batch, batch_sharding), extra)
+        return jitted(jax.device_put(state, shardings), jax.device_put(batch, batch_sharding), extra, halt)
 
     return sharded_step

@@ -82,10 +82,77 @@ def test_corrupt_newest_falls_back(tmp_path):
     ckpt.save(0, first, {"iteration": 0})
     ckpt.save(1, second, {"iteration": 1})
     shutil.rmtree(tmp_path / "1" / "state")  # the newest lost its arrays
-    with pytest.warns(UserWarning, match="checkpoint 1 .* cannot be read"):
+    with pytest.warns(UserWarning, match=r"checkpoint 1 .* is unusable: file state/\S+ is missing"):
         restored, meta = ckpt.restore(first)
     assert meta["iteration"] == 0
     assert_states_equal(restored, first)
+
+
+def _largest_data_file(step_dir):
+    return max((p for p in (step_dir / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def test_flipped_bit_is_detected_quarantined_and_the_step_redone(tmp_path, capfd):
+    """One flipped bit in the arrays of the newest checkpoint (which orbax alone restores without a
+    word): restore skips it by its checksum, moves it aside (kept), and the redone step can be
+    saved again and restores as the new state."""
+    ckpt = Checkpoints(tmp_path / "checkpoints", keep=3)
+    first, _ = trained_state(1)
+    second, _ = trained_state(2)
+    ckpt.save(0, first, {"iteration": 0})
+    ckpt.save(1, second, {"iteration": 1})
+    victim = _largest_data_file(tmp_path / "checkpoints" / "1")
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    victim.write_bytes(bytes(data))
+    assert ckpt.verify(0) is None and "checksum mismatch" in ckpt.verify(1)
+    with pytest.warns(UserWarning, match=r"checkpoint 1 .* is unusable: file \S+ is corrupt .*moved to"):
+        restored, meta = ckpt.restore(first, quarantine=True)
+    assert meta["iteration"] == 0
+    assert_states_equal(restored, first)
+    assert ckpt.steps() == [0]
+    kept = list((tmp_path / "checkpoints-corrupt").iterdir())
+    assert len(kept) == 1 and kept[0].name.startswith("1-")
+    redone, _ = trained_state(3)
+    ckpt.save(1, redone, {"iteration": 1})  # the redone iteration is written for real
+    restored, meta = Checkpoints(tmp_path / "checkpoints").restore(first)
+    assert meta["iteration"] == 1
+    assert_states_equal(restored, redone)
+    assert "Traceback" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("damage", ["manifest", "checksums", "truncate"])
+def test_damaged_files_fall_back_without_tracebacks(tmp_path, capfd, damage):
+    """A deleted ocdbt manifest (which made orbax print 22 'Event loop is closed' tracebacks), a
+    step killed before its checksums were written, a truncated data file."""
+    ckpt = Checkpoints(tmp_path, keep=3)
+    first, _ = trained_state(1)
+    ckpt.save(0, first, {"iteration": 0})
+    ckpt.save(1, trained_state(2)[0], {"iteration": 1})
+    step_dir = tmp_path / "1"
+    if damage == "manifest":
+        next(step_dir.rglob("manifest.ocdbt")).unlink()
+        expected = r"manifest.ocdbt is missing"
+    elif damage == "checksums":
+        (step_dir / "checksums.json").unlink()
+        expected = r"checksums.json is missing \(the save was interrupted\)"
+    else:
+        victim = _largest_data_file(step_dir)
+        victim.write_bytes(victim.read_bytes()[:10])
+        expected = r"is corrupt"
+    with pytest.warns(UserWarning, match=expected):
+        restored, meta = ckpt.restore(first)
+    assert meta["iteration"] == 0
+    assert_states_equal(restored, first)
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_a_step_is_never_silently_skipped(tmp_path):
+    ckpt = Checkpoints(tmp_path)
+    state, _ = trained_state(1)
+    ckpt.save(0, state, {})
+    with pytest.raises(ValueError, match="checkpoint 0 already exists"):
+        ckpt.save(0, state, {})
 
 
 def test_restore_onto_a_mesh(tmp_path):

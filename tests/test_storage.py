@@ -63,8 +63,8 @@ def test_verified_shards_are_read_once_and_changes_still_caught(tmp_path, monkey
     store.append(0, data(2, 3, 0))
     store.append(1, data(2, 3, 1))
     hashed = []
-    real = storage._sha256
-    monkeypatch.setattr(storage, "_sha256", lambda path: hashed.append(path.name) or real(path))
+    real = storage.sha256
+    monkeypatch.setattr(storage, "sha256", lambda path: hashed.append(path.name) or real(path))
     first = store.load()
     store.append(2, data(2, 3, 2))
     hashed.clear()
