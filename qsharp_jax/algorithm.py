@@ -109,8 +109,9 @@ class AlgorithmConfig:
 
 
 # Fields that may change when a run is resumed: more `iterations` extend it; `keep_checkpoints`
-# and `rollout_batch` change nothing computed (every row draws from its own key, whatever chunk
-# it is generated in).
+# changes nothing computed; `rollout_batch` changes no token (every row draws from its own key,
+# whatever chunk it is generated in) — only the last float bits of log-probs and KL, which XLA
+# rounds differently for another batch size.
 RESUMABLE_FIELDS = ("iterations", "keep_checkpoints", "rollout_batch")
 
 

@@ -51,6 +51,12 @@ def load(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] 
         message = " ".join(re.sub(r"[-─━│┃╭╮╰╯]{2,}|[│┃╭╮╰╯]", " ", errors.getvalue()).split())
         message = re.sub(r"\s*For full helptext.*$", "", message)
         message = re.sub(r"\[/?[a-z][a-z ]*\]", "", message)  # tyro's rich markup ([bold]...[/bold])
+        message = re.sub(r"\s*Argument helptext:.*$", "", message)
+        message = re.sub(r"^(Unrecognized options|Invalid choice) ", "", message)
+        parsing = re.match(r"Value error Error parsing ([\w.]+): (.*)", message)
+        if parsing:  # our own __post_init__ messages name their field already
+            name, rest = parsing.groups()
+            message = rest if name == cls.__name__ or rest.startswith(name.split(".")[-1]) else f"{name}: {rest}"
         raise ValueError(f"invalid {cls.__name__} config: {message}") from exit_
 
 

@@ -290,8 +290,8 @@ def fit(
                 bad = int(np.argmin(finite))
                 examples = index[bad][index[bad] >= 0]
                 raise NonFiniteError(
-                    f"{desc}: non-finite loss {float(out['loss'][bad])}, gradient norm "
-                    f"{float(out['grad_norm'][bad])} at epoch {epoch}, step {start + bad} of {steps} (batch of "
+                    f"{desc}: non-finite loss, gradient or update (loss {float(out['loss'][bad]):.6g}, gradient "
+                    f"norm {float(out['grad_norm'][bad]):.6g}) at epoch {epoch}, step {start + bad} of {steps} (batch of "
                     f"examples {_summary(examples)}); stopped with the last finite state. Check the data of "
                     "those examples, and lower optimizer.learning_rate or set optimizer.clip_norm", state)
             outs.append(out)

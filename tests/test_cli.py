@@ -35,8 +35,8 @@ def test_config_overrides_and_types(tmp_path):
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        (["eta=abc"], "Error parsing eta: could not convert string to float: 'abc'"),
-        (["sizes=[1, 2.5]"], "Error parsing sizes"),
+        (["eta=abc"], "eta: could not convert string to float: 'abc'"),
+        (["sizes=[1, 2.5]"], "sizes: "),
         (["inner.depht=3"], "Unrecognized options: inner.depht, 3 Perhaps you meant: inner.depth"),
         (["eta"], "must look like key=value"),
         (["pair=[1]"], "pair"),

@@ -1,0 +1,116 @@
+"""Every bad input we know of, what `qsharp` answers, and the generated table of it in
+docs/bad_inputs.md (this test fails when the table is stale; ``QSHARP_WRITE_DOCS=1`` rewrites it).
+
+Each must end as one line on stderr naming what was wrong and how to fix it, exit code 2, no
+traceback, and nothing written where a run directory would be.
+"""
+
+import os
+import re
+import socket
+from pathlib import Path
+
+import pytest
+
+from experiments.tabular.__main__ import main as tabular_main
+from qsharp_jax import cli
+from qsharp_jax.lock import RunLock
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "bad_inputs.md"
+TOY = "experiments/planted_token/config.yaml"
+TINY = ["algorithm.iterations=1", "algorithm.prompts_per_iteration=8", "algorithm.epochs=1"]
+
+
+def _cases(tmp: Path, done: Path) -> list[tuple[str, list[str]]]:
+    """(what is wrong, the command) pairs; ``done`` is a completed run directory."""
+    (tmp / "bad.yaml").write_text("algorithm: {eta: 0.1\n")
+    (tmp / "binary.yaml").write_bytes(bytes(range(256)))
+    (tmp / "list.yaml").write_text("- 1\n- 2\n")
+    (tmp / "a_file").write_text("")
+    run = f"run_dir={tmp}/run"
+    return [
+        ("config file is not valid YAML", ["train", str(tmp / "bad.yaml"), run]),
+        ("config file is binary", ["train", str(tmp / "binary.yaml"), run]),
+        ("config file holds a list", ["train", str(tmp / "list.yaml"), run]),
+        ("config file does not exist", ["train", str(tmp / "missing.yaml"), run]),
+        ("unknown field (a typo)", ["train", TOY, run, "algorithm.etaa=0.1"]),
+        ("override without `=`", ["train", TOY, run, "algorithm.eta"]),
+        ("override value not YAML", ["train", TOY, run, "algorithm.eta=[0.1"]),
+        ("wrong type", ["train", TOY, run, "algorithm.eta=abc"]),
+        ("η = 0", ["train", TOY, run, "algorithm.eta=0"]),
+        ("η < 0", ["train", TOY, run, "algorithm.eta=-1"]),
+        ("unknown guidance", ["train", TOY, run, "algorithm.guidance=qsharpp"]),
+        ("unknown loss", ["train", TOY, run, "algorithm.loss=kl"]),
+        ("iterations = 0", ["train", TOY, run, "algorithm.iterations=0"]),
+        ("temperature = 0", ["train", TOY, run, "algorithm.temperature=0"]),
+        ("top_k beyond the vocabulary", ["train", TOY, run, "algorithm.top_k=9"]),
+        ("unknown task", ["train", TOY, run, "task=chess"]),
+        ("mesh of the wrong length", ["train", TOY, run, "mesh=[2,2]"]),
+        ("mesh that does not match the devices", ["train", TOY, run, "mesh=[3,1,1]"]),
+        ("atoms that do not cover the rewards", ["train", TOY, run, "head.v_max=0.5"]),
+        ("loss the head cannot fit", ["train", TOY, run, "algorithm.loss=bernoulli"]),
+        ("guidance the head cannot give", ["train", TOY, run, "algorithm.guidance=bernoulli"]),
+        ("value and π_ref vocabularies differ", ["train", TOY, run, "value.vocab_size=9"]),
+        ("negative learning rate", ["train", TOY, run, "algorithm.optimizer.learning_rate=-1"]),
+        ("run_dir is a file", ["train", TOY, f"run_dir={tmp}/a_file"]),
+        ("run_dir cannot be written", ["train", TOY, "run_dir=/proc/qsharp-run"]),
+        ("resume with another config", ["train", TOY, f"run_dir={done}", *TINY, "algorithm.eta=0.2"]),
+        ("run directory in use", ["train", TOY, f"run_dir={tmp}/locked", *TINY]),
+        ("eval of a directory that is no run", ["eval", str(tmp)]),
+        ("sample --num 0", ["sample", str(done), "--num", "0"]),
+        ("sample --num beyond the evaluation prompts", ["sample", str(done), "--num", "1000"]),
+        ("plot of a directory that is no run", ["plot", str(tmp / "nothing")]),
+        ("tabular: η = 0", ["tabular", "etas=[0]"]),
+        ("tabular: depth 0", ["tabular", "depths=[0]"]),
+    ]
+
+
+@pytest.fixture(scope="module")
+def done(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("done")
+    assert cli.main(["train", TOY, f"run_dir={run_dir}", *TINY]) == 0
+    return run_dir
+
+
+def _answer(argv: list[str], capsys) -> tuple[int, str]:
+    main = tabular_main if argv[0] == "tabular" else cli.main
+    with pytest.raises(SystemExit) as exit_:
+        main(argv[1:] if argv[0] == "tabular" else argv)
+    return exit_.value.code, capsys.readouterr().err
+
+
+def _generic(text: str, tmp: Path, done: Path) -> str:
+    text = text.replace(str(done), "RUN").replace(str(tmp), "TMP")
+    text = text.replace(socket.gethostname(), "HOST").replace(f"pid {os.getpid()}", "pid PID")
+    return re.sub(r"since \d{4}-\d\d-\d\d \d\d:\d\d:\d\d", "since TIME", text)
+
+
+def test_every_bad_input_gets_one_line_and_exit_2(tmp_path, done, capsys):
+    rows = []
+    for what, argv in _cases(tmp_path, done):
+        if what == "run directory in use":
+            (tmp_path / "locked").mkdir()
+            with RunLock(tmp_path / "locked"):
+                code, err = _answer(argv, capsys)
+        else:
+            code, err = _answer(argv, capsys)
+        assert code == 2 and "Traceback" not in err, (what, code, err)
+        lines = [line for line in err.splitlines() if line.strip() and not line.startswith("usage:")]
+        assert len(lines) == 1, (what, err)
+        assert not (tmp_path / "run").exists(), what  # refused before the run directory was made
+        command = " ".join(("python -m experiments.tabular" if argv[0] == "tabular" else "qsharp " + argv[0],
+                            *argv[1:]))
+        message = lines[0].split(": error: ", 1)[-1]
+        rows.append(f"| {what} | `{_generic(command, tmp_path, done)}` | "
+                    f"{_generic(message, tmp_path, done).replace('|', '/')} |")
+    table = ("# What each bad input gets\n\n"
+             "Generated by `tests/test_bad_inputs.py` (it fails when this file is stale; "
+             "`QSHARP_WRITE_DOCS=1 pytest tests/test_bad_inputs.py` rewrites it). Every case exits with code 2 "
+             "and prints one line on stderr; nothing is written to the run directory. `TMP` and `RUN` stand for "
+             "the test's temporary directory and a completed run.\n\n"
+             "| bad input | command | message |\n|---|---|---|\n" + "\n".join(rows) + "\n")
+    if os.environ.get("QSHARP_WRITE_DOCS"):
+        DOC.parent.mkdir(exist_ok=True)
+        DOC.write_text(table)
+    assert DOC.exists() and DOC.read_text() == table, "docs/bad_inputs.md is stale: rerun with QSHARP_WRITE_DOCS=1"
