@@ -49,15 +49,16 @@ def test_config_errors(overrides, message):
 
 
 def test_train_and_plot_commands(tmp_path, capsys):
-    """`qsharp train` on the toy config (two iterations), then `qsharp plot`."""
+    """`qsharp train` on a small version of the toy config (two iterations, on a mesh), then eval,
+    sample, a refused and an allowed resume, and plot. (That it learns: test_algorithm.py.)"""
     run_dir = tmp_path / "run"
     args = ["train", "experiments/planted_token/config.yaml", f"run_dir={run_dir}", "mesh=[2,2,2]",
-            "algorithm.iterations=2"]
+            "algorithm.prompts_per_iteration=16", "algorithm.epochs=2", "algorithm.iterations=2"]
     assert cli.main(args) == 0
     out = capsys.readouterr().out
     rows = [line.split() for line in out.splitlines() if re.match(r"\s+\d+\s+\d+\s", line)]
     assert [int(r[0]) for r in rows] == [0, 1]
-    assert float(rows[-1][3]) > float(rows[-1][4]) + 0.3  # guided reward beats π_ref's
+    assert [int(r[1]) for r in rows] == [64, 128]  # examples aggregated over iterations
     for name in ("metrics.jsonl", "learning_curves.png", "checkpoints", "data", "tensorboard"):
         assert (run_dir / name).exists(), name
     assert any((run_dir / "tensorboard").iterdir())

@@ -199,7 +199,8 @@ def test_bellman_loss_matches_manual_targets():
             count += 1
     np.testing.assert_allclose(loss, total / count, rtol=1e-5)
     # the target is a constant: only the chosen entries get gradient
-    grads = jax.grad(lambda p: bellman_value_loss(nnx.merge(*nnx.split(model)[:1], p), batch)[0])(nnx.split(model)[1])
+    grads = jax.jit(jax.grad(lambda p: bellman_value_loss(nnx.merge(*nnx.split(model)[:1], p), batch)[0]))(
+        nnx.split(model)[1])
     assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
     with pytest.raises(ValueError, match="needs a categorical value head"):
         bellman_value_loss(ValueModel(CFG, HeadConfig("bernoulli", q_type=True), rngs=nnx.Rngs(0)), batch)
@@ -281,8 +282,8 @@ def test_v_type_bellman_gradient_skips_the_targets():
             chosen, nxt, jnp.where(terminal, batch["rewards"][:, None], 0.0), jnp.where(terminal, 0.0, 1.0),
             jnp.linspace(0, 1, 5), batch["loss_mask"] & batch["attention_mask"])
 
-    got = jax.grad(lambda p: bellman_value_loss(nnx.merge(graphdef, p), batch)[0])(params)
-    want = jax.grad(with_frozen)(params)
+    got = jax.jit(jax.grad(lambda p: bellman_value_loss(nnx.merge(graphdef, p), batch)[0]))(params)
+    want = jax.jit(jax.grad(with_frozen))(params)  # jitted: eager dispatch of these graphs takes half a minute
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
