@@ -16,6 +16,7 @@ newest checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import warnings
@@ -34,6 +35,7 @@ from qsharp_jax import config as config_lib
 from qsharp_jax import failpoints, objectives, rollout
 from qsharp_jax import sharding as sharding_lib
 from qsharp_jax.checkpoint import Checkpoints
+from qsharp_jax.lock import RunLock
 from qsharp_jax.models.transformer import Transformer
 from qsharp_jax.models.value import ValueModel
 from qsharp_jax.storage import RolloutStore, atomic_write
@@ -163,16 +165,24 @@ def _check_rewards(rewards: Any, n: int, task: Task) -> np.ndarray:
 
 def run(
     cfg: AlgorithmConfig, task: Task, ref: Transformer, value: ValueModel, run_dir: str | Path, *,
-    progress: bool = True, mesh: Mesh | None = None,
+    progress: bool = True, mesh: Mesh | None = None, lock: bool = True,
 ) -> list[dict[str, float]]:
     """Run (or resume) Algorithm 1 in ``run_dir``; returns the metrics of every iteration.
 
     With a ``mesh``, π_ref and the value model are placed by their logical-axis shardings, the
     train step shards parameters, optimizer state and batches, and rollouts run on the mesh.
+    ``lock``: hold ``run_dir``'s :class:`~qsharp_jax.lock.RunLock` while running (False: the
+    caller holds it, as :func:`qsharp_jax.runs.start_or_resume` does).
     """
     check_setup(cfg, task, ref, value)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    with RunLock(run_dir) if lock and jax.process_index() == 0 else contextlib.nullcontext():
+        return _run(cfg, task, ref, value, run_dir, progress, mesh)
+
+
+def _run(cfg: AlgorithmConfig, task: Task, ref: Transformer, value: ValueModel, run_dir: Path, progress: bool,
+         mesh: Mesh | None) -> list[dict[str, float]]:
     config = config_lib.as_json(cfg)
     store = RolloutStore(run_dir / "data")
     checkpoints = Checkpoints(run_dir / "checkpoints", keep=cfg.keep_checkpoints, writer=True)

@@ -106,7 +106,7 @@ def start_or_resume(cfg: RunConfig, *, progress: bool = True) -> list[dict[str, 
                     config_lib.check_same(saved, config, str(run_dir), RESUMABLE_FIELDS)
                 _abandon(run_dir)
         atomic_write(saved_file, lambda f: f.write(json.dumps(config, indent=1).encode()))
-        return algorithm.run(cfg.algorithm, task, ref, value, run_dir, progress=progress, mesh=mesh)
+        return algorithm.run(cfg.algorithm, task, ref, value, run_dir, progress=progress, mesh=mesh, lock=False)
 
 
 def _make_writable(run_dir: Path) -> None:

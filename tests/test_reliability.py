@@ -113,6 +113,10 @@ def test_one_writer_per_run_directory(tmp_path):
         assert f"is in use by another qsharp process (host " in second.stderr and f"pid {os.getpid()}" in \
             second.stderr
         assert not (tmp_path / "config.json").exists()  # nothing was written
+        algo, task, ref, value = build()  # the Python API takes the same lock
+        with pytest.raises(RunLockedError, match="in use by another qsharp process"):
+            algorithm.run(algo, task, ref, value, tmp_path, progress=False)
+        assert not (tmp_path / "data").exists()
     assert (tmp_path / "lock").read_text() == ""  # released cleanly
     (tmp_path / "lock").write_text(json.dumps({"host": "node7", "pid": 123, "since": "yesterday"}))
     with pytest.warns(UserWarning, match="named host node7, pid 123, since yesterday, which ended without"):

@@ -56,6 +56,28 @@ def test_corrupt_shard_is_detected(tmp_path):
         store.load()
 
 
+@pytest.mark.parametrize("damage", ["truncated shard", "missing shard", "corrupt manifest", "truncated manifest"])
+def test_damaged_store_is_refused_by_name(tmp_path, damage):
+    """Whatever is damaged, loading names the file and refuses to train on it."""
+    store = RolloutStore(tmp_path)
+    store.append(0, data(2, 3, 0))
+    shard, manifest = tmp_path / "iteration-00000.npz", tmp_path / "manifest.json"
+    if damage == "truncated shard":
+        shard.write_bytes(shard.read_bytes()[:50])
+        expected = "iteration-00000.npz is corrupt"
+    elif damage == "missing shard":
+        shard.unlink()
+        expected = "iteration-00000.npz is missing"
+    elif damage == "corrupt manifest":
+        manifest.write_text("{not json")
+        expected = "manifest.json is corrupt"
+    else:
+        manifest.write_bytes(manifest.read_bytes()[:20])
+        expected = "manifest.json is corrupt"
+    with pytest.raises(ValueError, match=expected):
+        RolloutStore(tmp_path).load()
+
+
 def test_verified_shards_are_read_once_and_changes_still_caught(tmp_path, monkeypatch):
     from qsharp_jax import storage
 
