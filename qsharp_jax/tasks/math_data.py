@@ -1,0 +1,153 @@
+"""Math-reasoning data: GSM8K / MATH records from local JSONL, deterministic splits, and the
+paper's prompt through a tokenizer's chat template (pure Python + the tokenizer).
+
+Layouts read (one JSON object per line; a ``.json`` file holding a list works too):
+
+- the official Q♯ layout of both datasets: ``{"problem", "solution", "answer"}`` (plus MATH's
+  ``subject``/``type``, ``level``, ``unique_id`` where present);
+- GSM8K's original ``{"question", "answer": "... #### 72"}``;
+- MATH's original ``{"problem", "solution", "type"|"subject", "level"}`` with no ``answer``: the
+  gold answer is the last ``\\boxed{}`` of the solution.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import warnings
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import numpy as np
+
+from qsharp_jax.tasks.math import extract_answer
+
+# The paper's prompt (one user turn, no system prompt, no few-shot examples).
+PROMPT = "Problem:\n\n{problem} Write your answer inside \\boxed{{}}.\n\nSolution:"
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """One problem: its text, gold answer, reference solution and (MATH) subject and level."""
+
+    problem: str
+    answer: str
+    solution: str = ""
+    subject: str | None = None
+    level: str | None = None
+    id: str | None = None
+
+
+def load_problems(path: str | Path) -> list[Problem]:
+    """Every record of a local JSONL (or JSON list) file as a :class:`Problem`; a bad record is a
+    ValueError naming the file, the line and the field."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ValueError(f"dataset file {path} not found") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"dataset file {path} is not UTF-8 text (JSONL expected)") from None
+    if path.suffix == ".json":
+        try:
+            records = json.loads(text)
+        except ValueError as error:
+            raise ValueError(f"{path}: not valid JSON ({error})") from None
+        if not isinstance(records, list):
+            raise ValueError(f"{path}: a .json dataset must hold a list of records, got a {type(records).__name__}")
+        numbered = [(f"record {i}", r) for i, r in enumerate(records)]
+    else:
+        numbered = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    numbered.append((f"line {number}", json.loads(line)))
+                except ValueError as error:
+                    raise ValueError(f"{path}:{number}: not a JSON object ({error})") from None
+    problems = [_problem(record, f"{path}, {where}") for where, record in numbered]
+    if not problems:
+        raise ValueError(f"{path} holds no records")
+    return problems
+
+
+def _problem(record: Any, where: str) -> Problem:
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
+    text = record.get("problem", record.get("question"))
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"{where}: field 'problem' (or GSM8K's 'question') is missing or empty")
+    solution = record.get("solution", "")
+    answer = record.get("answer")
+    if isinstance(answer, str) and "####" in answer:  # GSM8K's original: the solution, then "#### 72"
+        solution, answer = answer.rsplit("####", 1)[0].strip(), extract_answer(answer)
+    elif answer is None and isinstance(solution, str):  # MATH's original: the last \boxed{} of the solution
+        answer = extract_answer(solution)
+    if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+        answer = str(answer)
+    if not isinstance(answer, str) or not answer.strip():
+        raise ValueError(f"{where}: no gold answer: field 'answer' is missing or empty and the solution has no "
+                         "\\boxed{} (or '####') answer")
+    if not isinstance(solution, str):
+        raise ValueError(f"{where}: field 'solution' must be text, got {type(solution).__name__}")
+    subject = record.get("subject", record.get("type"))
+    level = record.get("level")
+    return Problem(problem=text, answer=answer.strip(), solution=solution,
+                   subject=None if subject is None else str(subject), level=None if level is None else str(level),
+                   id=None if record.get("unique_id") is None else str(record["unique_id"]))
+
+
+def split_problems(problems: Sequence[Problem], eval_fraction: float, seed: int = 0
+                   ) -> tuple[list[Problem], list[Problem]]:
+    """(train, eval): a problem goes to eval when a seeded hash of its text falls below
+    ``eval_fraction`` — the same problem lands on the same side whatever else the file holds."""
+    if not 0 <= eval_fraction <= 1:
+        raise ValueError(f"eval_fraction must lie in [0, 1], got {eval_fraction}")
+    train, held_out = [], []
+    for p in problems:
+        digest = hashlib.sha256(f"{seed}\0{p.problem}".encode()).digest()
+        (held_out if int.from_bytes(digest[:8], "big") / 2**64 < eval_fraction else train).append(p)
+    return train, held_out
+
+
+def chat_prompt(tokenizer, problem: str) -> str:
+    """The paper's prompt for ``problem`` as one user turn of ``tokenizer``'s chat template, with
+    the generation prompt (the text the model continues)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__} has no chat "
+                         "template; use an Instruct model's tokenizer (its tokenizer_config.json carries "
+                         "'chat_template') or set tokenizer.chat_template")
+    return tokenizer.apply_chat_template([{"role": "user", "content": PROMPT.format(problem=problem)}],
+                                         add_generation_prompt=True, tokenize=False)
+
+
+def encode_prompts(tokenizer, problems: Sequence[Problem], max_prompt_len: int, pad_id: int | None = None, *,
+                   too_long: Literal["drop", "error"] = "drop") -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """Left-padded chat prompts: (ids int32 ``[n, P]``, mask bool ``[n, P]``, kept indices).
+
+    Tokenized without extra special tokens (the template writes them). A prompt longer than
+    ``max_prompt_len`` is never cut: it is dropped with a warning giving the count (or, with
+    ``too_long="error"``, refused). ``pad_id`` defaults to the tokenizer's pad token.
+    """
+    pad_id = tokenizer.pad_token_id if pad_id is None else pad_id
+    if pad_id is None:
+        raise ValueError("the tokenizer has no pad token: pass pad_id (Llama 3: the id of "
+                         "<|reserved_special_token_0|>)")
+    encoded = [tokenizer(chat_prompt(tokenizer, p.problem), add_special_tokens=False)["input_ids"] for p in problems]
+    kept = [i for i, ids in enumerate(encoded) if len(ids) <= max_prompt_len]
+    if len(kept) < len(encoded):
+        longest = max(len(ids) for ids in encoded)
+        message = (f"{len(encoded) - len(kept)} of {len(encoded)} prompts are longer than max_prompt_len="
+                   f"{max_prompt_len} tokens (longest {longest})")
+        if too_long == "error":
+            raise ValueError(message + "; raise max_prompt_len")
+        warnings.warn(message + "; they are left out", stacklevel=2)
+    if not kept:
+        raise ValueError(f"no prompt fits max_prompt_len={max_prompt_len}")
+    width = max(len(encoded[i]) for i in kept)
+    ids = np.full((len(kept), width), pad_id, np.int32)
+    mask = np.zeros((len(kept), width), bool)
+    for row, i in enumerate(kept):
+        ids[row, width - len(encoded[i]):] = encoded[i]
+        mask[row, width - len(encoded[i]):] = True
+    return ids, mask, kept
