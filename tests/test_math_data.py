@@ -55,12 +55,12 @@ def test_split_is_deterministic_and_independent_of_the_rest():
     assert split_problems(problems, 0.1, seed=4)[1] != held
 
 
-def tiny_chat_tokenizer(template=True):
+def tiny_chat_tokenizer(template=True, extra=()):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     words = ["<pad>", "<unk>", "<user>", "<assistant>", "<end>"] + sorted(set(
-        PROMPT.replace("{problem}", " ").replace("{{}}", "{}").split()) | {"two", "plus", "three", "one"})
+        PROMPT.replace("{problem}", " ").replace("{{}}", "{}").split()) | {"two", "plus", "three", "one", *extra})
     backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>")
