@@ -84,7 +84,7 @@ class Checkpoints:
         try:
             sums = json.loads((step_dir / CHECKSUMS).read_text())
         except FileNotFoundError:
-            return f"{CHECKSUMS} is missing (the save was interrupted)"
+            return f"{CHECKSUMS} is missing (the save was interrupted, or is still being written)"
         except (OSError, ValueError) as error:
             return f"{CHECKSUMS} cannot be read ({error})"
         present = {str(p.relative_to(step_dir)) for p in _files(step_dir)}

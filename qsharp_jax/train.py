@@ -195,9 +195,10 @@ def make_train_epoch(
     ``batches`` holds every array with a leading steps axis (``[S, B, ...]``; numpy arrays stay on
     the host and each step's batch is copied over as it runs); metrics come back per step
     (``[S]``), with ``finite`` False from the first step whose loss, gradient or update was not
-    finite: that step and every later one left the state unchanged. The state is donated. ``prepare(extra, batch) -> batch`` runs inside every step
-    before the loss, e.g. to add what a frozen π_ref (``extra``, its parameters) says about the
-    batch without materializing that for all steps at once.
+    finite: that step and every later one left the state unchanged. The state is donated.
+    ``prepare(extra, batch) -> batch`` runs inside every step before the loss, e.g. to add what a
+    frozen π_ref (``extra``, its parameters) says about the batch without materializing that for
+    all steps at once.
 
     Why not one ``lax.scan`` over the steps: on XLA:CPU the scanned loop runs at about half the
     speed of separate calls once the step holds no host callback (``make bench``:

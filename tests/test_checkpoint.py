@@ -135,7 +135,7 @@ def test_damaged_files_fall_back_without_tracebacks(tmp_path, capfd, damage):
         expected = r"manifest.ocdbt is missing"
     elif damage == "checksums":
         (step_dir / "checksums.json").unlink()
-        expected = r"checksums.json is missing \(the save was interrupted\)"
+        expected = r"checksums.json is missing \(the save was interrupted"
     else:
         victim = _largest_data_file(step_dir)
         victim.write_bytes(victim.read_bytes()[:10])
