@@ -60,16 +60,22 @@ def load(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] 
         raise ValueError(f"invalid {cls.__name__} config: {message}") from exit_
 
 
+def read_text(path: Path, what: str, kind: str) -> str:
+    """A user's text file (``what``: "config file", "dataset file"; ``kind``: "YAML", "JSONL"), or
+    a ValueError naming the file and what is wrong with it."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ValueError(f"{what} {path} not found") from None
+    except IsADirectoryError:
+        raise ValueError(f"{what} {path} is a directory; give a {kind} file") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{what} {path} is not text (not UTF-8); give a {kind} file") from None
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     """A config file's mapping, or a ValueError naming the file and what is wrong with it."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ValueError(f"config file {path} not found") from None
-    except IsADirectoryError:
-        raise ValueError(f"config file {path} is a directory; give a YAML file") from None
-    except UnicodeDecodeError:
-        raise ValueError(f"config file {path} is not text (not UTF-8); give a YAML file") from None
+    text = read_text(path, "config file", "YAML")
     try:
         loaded = yaml.safe_load(text)
     except yaml.YAMLError as error:

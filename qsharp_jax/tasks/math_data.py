@@ -21,6 +21,7 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 
+from qsharp_jax.config import read_text
 from qsharp_jax.tasks.math import extract_answer
 
 # The paper's prompt (one user turn, no system prompt, no few-shot examples).
@@ -43,12 +44,7 @@ def load_problems(path: str | Path) -> list[Problem]:
     """Every record of a local JSONL (or JSON list) file as a :class:`Problem`; a bad record is a
     ValueError naming the file, the line and the field."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ValueError(f"dataset file {path} not found") from None
-    except UnicodeDecodeError:
-        raise ValueError(f"dataset file {path} is not UTF-8 text (JSONL expected)") from None
+    text = read_text(path, "dataset file", "JSONL")
     if path.suffix == ".json":
         try:
             records = json.loads(text)
