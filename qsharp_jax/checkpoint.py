@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -25,7 +24,7 @@ import orbax.checkpoint as ocp
 
 from qsharp_jax import config as config_lib
 from qsharp_jax import failpoints
-from qsharp_jax.storage import atomic_write, sha256
+from qsharp_jax.storage import aside_name, atomic_write, sha256
 from qsharp_jax.train import TrainState
 
 CHECKSUMS = "checksums.json"
@@ -134,7 +133,7 @@ class Checkpoints:
         return None
 
     def _quarantine(self, step: int) -> Path:
-        target = self.directory.parent / f"{self.directory.name}-corrupt" / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**9:09d}"
+        target = self.directory.parent / f"{self.directory.name}-corrupt" / aside_name(str(step))
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(self.directory / str(step), target)
         self._manager.reload()

@@ -183,8 +183,8 @@ def generate(
     ref_graph, ref_state = nnx.split(ref_model)
     value_graph, value_state = nnx.split(value_model) if value_model is not None else (None, None)
     return _generate(
-        ref_graph, ref_state, value_graph, value_state, prompt_ids.astype(jnp.int32), prompt_mask,
-        jax.vmap(lambda row: jax.random.fold_in(key, row))(row_ids), switch_time, jnp.asarray(eta, jnp.float32), None if atoms is None else jnp.asarray(atoms), spec=spec,
+        ref_graph, ref_state, value_graph, value_state, prompt_ids.astype(jnp.int32), prompt_mask, key, row_ids,
+        switch_time, jnp.asarray(eta, jnp.float32), None if atoms is None else jnp.asarray(atoms), spec=spec,
     )
 
 
@@ -247,11 +247,12 @@ def _draw(log_policy: jax.Array, ids: jax.Array, ref_at_ids: jax.Array, ref_lse:
 
 
 @functools.partial(jax.jit, static_argnames=("ref_graph", "value_graph", "spec"))
-def _generate(ref_graph, ref_state, value_graph, value_state, prompt_ids, prompt_mask, row_keys, switch_time, eta, atoms,
-              *, spec: _Spec) -> Rollout:
+def _generate(ref_graph, ref_state, value_graph, value_state, prompt_ids, prompt_mask, key, row_ids, switch_time,
+              eta, atoms, *, spec: _Spec) -> Rollout:
     ref = nnx.merge(ref_graph, ref_state)
     value = nnx.merge(value_graph, value_state) if value_graph is not None else None
     batch = prompt_ids.shape[0]
+    row_keys = jax.vmap(lambda row: jax.random.fold_in(key, row))(row_ids)  # constant over the loop
     n = spec.max_new_tokens
     v_type = value is not None and not spec.q_type
 
@@ -296,7 +297,7 @@ def _generate(ref_graph, ref_state, value_graph, value_state, prompt_ids, prompt
         return _nucleus(take(values), spec.top_p), take(cand), take(ref_top), order, kv
 
     def step(carry):
-        t, row_keys, ref_logits, ref_cache, value_cache, value_out, out, done = carry
+        t, ref_logits, ref_cache, value_cache, value_out, out, done = carry
         active = ~done
         guide_now = active & (t < switch_time)
         ref_lse = jax.nn.logsumexp(ref_logits, axis=-1)
@@ -338,7 +339,7 @@ def _generate(ref_graph, ref_state, value_graph, value_state, prompt_ids, prompt
             value_out, value_cache = jax.lax.cond(
                 jnp.any(active & (t + 1 < switch_time)), advance, lambda: (value_out, value_cache)
             )
-        return t + 1, row_keys, ref_logits, ref_cache, value_cache, value_out, out, done
+        return t + 1, ref_logits, ref_cache, value_cache, value_out, out, done
 
     def cond(carry):
         t, *_, done = carry
@@ -352,6 +353,6 @@ def _generate(ref_graph, ref_state, value_graph, value_state, prompt_ids, prompt
         "kl": jnp.zeros((batch,), jnp.float32),
         "finite": jnp.ones((batch,), bool),
     }
-    carry = (jnp.int32(0), row_keys, ref_logits, ref_cache, value_cache, value_out, out, jnp.zeros((batch,), bool))
+    carry = (jnp.int32(0), ref_logits, ref_cache, value_cache, value_out, out, jnp.zeros((batch,), bool))
     *_, out, _ = jax.lax.while_loop(cond, step, carry)
     return Rollout(lengths=jnp.sum(out["mask"], axis=1, dtype=jnp.int32), **out)

@@ -17,7 +17,6 @@ import dataclasses
 import json
 import shutil
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from qsharp_jax.lock import RunLock
 from qsharp_jax.models.build import ModelSpec, build_reference, build_value
 from qsharp_jax.models.transformer import Transformer
 from qsharp_jax.models.value import HeadConfig, ValueModel
-from qsharp_jax.storage import atomic_write
+from qsharp_jax.storage import aside_name, atomic_write
 from qsharp_jax.tasks import TASKS, Task, make_task
 from qsharp_jax.train import TrainState
 
@@ -137,7 +136,7 @@ def _completed_iterations(run_dir: Path) -> int:
 
 def _abandon(run_dir: Path) -> None:
     """Move a run that never completed an iteration aside (kept, not deleted) to start afresh."""
-    target = run_dir / f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**9:09d}"
+    target = run_dir / aside_name("abandoned")
     target.mkdir()
     for name in ("config.json", "data", "checkpoints", "checkpoints-corrupt", "tensorboard", "metrics.jsonl"):
         if (run_dir / name).exists():

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Mapping
 
@@ -49,6 +50,12 @@ def atomic_write(path: Path, write, failpoint: str | None = None) -> None:
         os.close(dir_fd)
     if failpoint:
         failpoints.reach(f"{failpoint}/renamed")
+
+
+def aside_name(prefix: str) -> str:
+    """A unique, time-stamped name for moving something aside (kept, never deleted):
+    ``<prefix>-YYYYmmdd-HHMMSS-<nanoseconds>``."""
+    return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**9:09d}"
 
 
 def sha256(path: Path) -> str:
