@@ -37,7 +37,7 @@ from qsharp_jax import sharding as sharding_lib
 from qsharp_jax.checkpoint import Checkpoints
 from qsharp_jax.lock import RunLock
 from qsharp_jax.models.transformer import Transformer
-from qsharp_jax.models.value import ValueModel
+from qsharp_jax.models.value import ValueModel, check_compatible
 from qsharp_jax.storage import RolloutStore, atomic_write
 from qsharp_jax.tasks import Task
 from qsharp_jax.train import OptimizerConfig, TrainState, fit, init_state, make_optimizer, make_train_epoch, state_shardings
@@ -59,7 +59,9 @@ class AlgorithmConfig:
       max_new_tokens: response length bound; switch times are drawn uniformly in [0, max_new_tokens).
       eta: η, the KL coefficient (> 0; small = strong guidance). The official code's flag is 1/η.
       top_k: π_ref's candidates a V-type value model scores, and the final policy's top-k.
-      temperature: of the final (guided) policy when sampling (> 0).
+      temperature: of the final (guided) policy when sampling (> 0) [0.8].
+      top_p: nucleus sampling of the final policy: keep its most likely tokens up to this mass
+        (in (0, 1]; 1 = off) [0.9].
       guidance: ``qsharp`` (the optimal offset; categorical head), ``cd`` (the mean return,
         CD/VAS; categorical head) or ``bernoulli`` (Q♯ for 0/1 rewards; Bernoulli head).
       loss: the value fit: ``categorical`` (Q♯'s distributional MLE), ``bernoulli``, ``mse``
@@ -82,6 +84,7 @@ class AlgorithmConfig:
     eta: float = 0.1
     top_k: int = 10
     temperature: float = 1.0
+    top_p: float = 1.0
     guidance: Guidance = "qsharp"
     loss: ValueLoss = "categorical"
     epochs: int = 2
@@ -104,6 +107,8 @@ class AlgorithmConfig:
                              "code's `eta` flag is 1/η")
         if not self.temperature > 0:
             raise ValueError(f"algorithm.temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"algorithm.top_p must lie in (0, 1] (1: no nucleus cut), got {self.top_p}")
         if self.guidance not in ("qsharp", "cd", "bernoulli"):
             raise ValueError(f"algorithm.guidance must be qsharp, cd or bernoulli, got {self.guidance!r}")
         if self.loss not in objectives.HEAD_OF_LOSS:
@@ -125,17 +130,32 @@ def check_setup(cfg: AlgorithmConfig, task: Task, ref: Transformer, value: Value
     needed = "bernoulli" if cfg.guidance == "bernoulli" else "categorical"
     if head.kind != needed:
         raise ValueError(f"guidance={cfg.guidance!r} needs a {needed} value head, the value model has {head.kind!r}")
-    if ref.cfg.vocab_size != value.vocab_size:
-        raise ValueError(f"value model vocabulary ({value.vocab_size}) differs from π_ref's ({ref.cfg.vocab_size})")
+    check_compatible(ref, value)
     task_vocab = getattr(task, "vocab_size", ref.cfg.vocab_size)
-    if task_vocab != ref.cfg.vocab_size:
-        raise ValueError(f"the task uses {task_vocab} tokens, π_ref has {ref.cfg.vocab_size}")
+    if task_vocab > ref.cfg.vocab_size:  # fewer is fine: checkpoints pad their embeddings (Qwen2.5)
+        raise ValueError(f"the task's tokenizer has {task_vocab} tokens but π_ref's vocabulary only "
+                         f"{ref.cfg.vocab_size}: token ids would fall outside the embedding")
     if cfg.top_k > ref.cfg.vocab_size:
         raise ValueError(f"algorithm.top_k={cfg.top_k} exceeds π_ref's vocabulary of {ref.cfg.vocab_size} tokens")
+    _check_positions(cfg, task, ref, value)
     lo, hi = task.reward_range
     if lo < head.v_min or hi > head.v_max:
         raise ValueError(f"the task's rewards lie in [{lo:g}, {hi:g}] but the value head's atoms cover "
                          f"[{head.v_min:g}, {head.v_max:g}]; set head.v_min / head.v_max to cover the rewards")
+
+
+def _check_positions(cfg: AlgorithmConfig, task: Task, ref: Transformer, value: ValueModel) -> None:
+    """Prompts plus responses must fit the models' positions: an error for learned position tables
+    (GPT-2), a warning beyond a RoPE model's trained context."""
+    width = max(task.eval_prompts()[0].shape[1], task.sample_prompts(np.random.default_rng(0), 1)[0].shape[1])
+    for name, model in (("π_ref", ref.cfg), ("the value model", value.backbone.cfg)):
+        if width + cfg.max_new_tokens <= model.max_positions:
+            continue
+        message = (f"prompts of up to {width} tokens + algorithm.max_new_tokens={cfg.max_new_tokens} exceed "
+                   f"{name}'s {model.max_positions} positions")
+        if model.positions == "learned":
+            raise ValueError(message + "; lower algorithm.max_new_tokens or the prompt length (math.max_prompt_len)")
+        warnings.warn(message + " (its trained context; RoPE decodes on, with less reliable results)", stacklevel=3)
 
 
 def _records(prompts, prompt_mask, out: rollout.Rollout, switch: np.ndarray, rewards, group) -> dict[str, np.ndarray]:
@@ -204,7 +224,8 @@ def _run(cfg: AlgorithmConfig, task: Task, ref: Transformer, value: ValueModel, 
         train_epoch = make_train_epoch(lambda m, b: objectives.value_loss(m, b, kind=cfg.loss), optimizer, mesh, fresh)
         extra = None
 
-    restored = checkpoints.restore(fresh, config, ignore=RESUMABLE_FIELDS, quarantine=True)
+    restored = checkpoints.restore(fresh, config, ignore=RESUMABLE_FIELDS, quarantine=True,
+                                   defaults=config_lib.as_json(AlgorithmConfig()))
     state, history = (restored[0], restored[1]["history"]) if restored else (fresh, [])
     start = len(history)
     for iteration in tqdm(range(start, cfg.iterations), desc="Q♯ iterations", disable=not progress, initial=start,
@@ -247,32 +268,15 @@ def _strict(metrics: dict[str, Any]) -> dict[str, Any]:
 
 def sampling_settings(cfg: AlgorithmConfig, task: Task) -> dict[str, Any]:
     """Decoding settings shared by collection, evaluation and sampling."""
-    return dict(max_new_tokens=cfg.max_new_tokens, top_k=cfg.top_k, temperature=cfg.temperature,
+    return dict(max_new_tokens=cfg.max_new_tokens, top_k=cfg.top_k, temperature=cfg.temperature, top_p=cfg.top_p,
                 eos_id=task.eos_id, pad_id=task.pad_id)
 
 
 def _generate(cfg: AlgorithmConfig, ref: Transformer, prompts, mask, key: jax.Array, *, failpoint: str,
-              **kwargs) -> rollout.Rollout:
-    """``rollout.generate`` over at most ``cfg.rollout_batch`` rows per call, each row keyed by its
-    global index, so the tokens do not depend on ``rollout_batch``. The last chunk is padded with
-    copies of the last row to the same shape, so all chunks share one compilation (fields then
-    numpy arrays). Raises FloatingPointError where the guidance was not finite."""
-    n, size = len(prompts), cfg.rollout_batch
-    outs = []
-    for start in range(0, n, size):
-        rows = np.minimum(np.arange(start, start + size), n - 1) if n > size else np.arange(n)
-        chunk = {k: (v[rows] if k == "switch_time" else v) for k, v in kwargs.items()}
-        out = rollout.generate(ref, prompts[rows], mask[rows], key=key, row_ids=rows, **chunk)
-        outs.append(jax.tree.map(lambda x, m=min(size, n - start): np.asarray(x)[:m], out))
-        failpoints.reach(f"{failpoint}/{start}")
-    out = jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
-    if not out.finite.all():
-        bad = np.flatnonzero(~out.finite)
-        raise FloatingPointError(
-            f"{failpoint}: the value model's guidance was NaN or infinite on {len(bad)} of {n} rows (rows "
-            f"{', '.join(map(str, bad[:8]))}{', ...' if len(bad) > 8 else ''}); its parameters are broken. "
-            "Stopped before using these samples; the checkpoints on disk are kept")
-    return out
+              score=None, **kwargs):
+    """:func:`rollout.generate_chunked` in chunks of ``cfg.rollout_batch`` rows."""
+    return rollout.generate_chunked(ref, prompts, mask, key=key, batch=cfg.rollout_batch, name=failpoint, score=score,
+                                    **kwargs)
 
 
 def guidance_args(cfg: AlgorithmConfig, state: TrainState) -> dict[str, Any]:
@@ -287,11 +291,16 @@ def _collect(cfg: AlgorithmConfig, task: Task, ref: Transformer, state: TrainSta
     prompts, mask, group = (np.repeat(x, cfg.samples_per_prompt, axis=0) for x in (prompts, mask, group))
     switch = rng.integers(0, cfg.max_new_tokens, size=len(prompts))  # uniform over the response
     guided = {} if iteration == 0 else guidance_args(cfg, state)  # iteration 0 rolls in with π_ref
-    out = _generate(cfg, ref, prompts, mask, jax.random.fold_in(jax.random.key(cfg.seed), iteration),
-                    failpoint=f"collect/{iteration}", switch_time=switch.astype(np.int32),
-                    **sampling_settings(cfg, task), **guided)
-    rewards = _check_rewards(task.reward(prompts, np.asarray(out.tokens), np.asarray(out.mask)), len(prompts), task)
-    return _records(prompts, mask, out, switch, rewards, group)
+    out, rewards = _generate(cfg, ref, prompts, mask, jax.random.fold_in(jax.random.key(cfg.seed), iteration),
+                             failpoint=f"collect/{iteration}", switch_time=switch.astype(np.int32),
+                             score=_scorer(task, prompts), **sampling_settings(cfg, task), **guided)
+    return _records(prompts, mask, out, switch, _check_rewards(rewards, len(prompts), task), group)
+
+
+def _scorer(task: Task, prompts: np.ndarray):
+    """The task's rewards of a chunk of rows (run by ``generate_chunked`` beside the next chunk's
+    decoding, so answer checking stays off the accelerator's critical path)."""
+    return lambda rows, out: np.asarray(task.reward(prompts[rows], out.tokens, out.mask), np.float64)
 
 
 def _fit(cfg: AlgorithmConfig, state: TrainState, train_epoch, data: dict[str, np.ndarray], iteration: int,
@@ -324,10 +333,9 @@ def evaluate(cfg: AlgorithmConfig, task: Task, ref: Transformer, state: TrainSta
     key = jax.random.fold_in(jax.random.key(cfg.seed + 1), iteration)
     results = {}
     for name, extra in (("ref", {}), ("guided", guidance_args(cfg, state))):
-        out = _generate(cfg, ref, prompts, mask, key, failpoint=f"evaluate/{iteration}/{name}",
-                        **sampling_settings(cfg, task), **extra)
-        rewards = _check_rewards(task.reward(prompts, np.asarray(out.tokens), np.asarray(out.mask)), len(prompts),
-                                 task)
+        out, rewards = _generate(cfg, ref, prompts, mask, key, failpoint=f"evaluate/{iteration}/{name}",
+                                 score=_scorer(task, prompts), **sampling_settings(cfg, task), **extra)
+        rewards = _check_rewards(rewards, len(prompts), task)
         results[f"{name}_reward"] = float(rewards.mean())
         results[f"{name}_kl"] = float(np.asarray(out.kl).mean())
     return results

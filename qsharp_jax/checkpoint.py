@@ -96,12 +96,13 @@ class Checkpoints:
         return None
 
     def restore(self, template: TrainState, config: dict[str, Any] | None = None, *, ignore: Sequence[str] = (),
-                quarantine: bool = False) -> tuple[TrainState, dict] | None:
+                defaults: dict[str, Any] | None = None, quarantine: bool = False) -> tuple[TrainState, dict] | None:
         """The newest verified checkpoint restored into ``template``'s structure and shardings.
 
         Returns None when there is none. A checkpoint that fails verification is skipped with a
         warning (and, with ``quarantine``, moved to ``<dir>-corrupt/``). Raises ValueError if
-        ``config`` differs from the saved one in a field not in ``ignore`` (dotted names).
+        ``config`` differs from the saved one in a field not in ``ignore`` (dotted names; a field
+        the saved config lacks counts as its value in ``defaults``).
         """
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
@@ -114,7 +115,7 @@ class Checkpoints:
                 meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
                 if config is not None:
                     config_lib.check_same(meta.get("config") or {}, config, f"checkpoint {step} in {self.directory}",
-                                          ignore)
+                                          ignore, defaults)
                 arrays = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
                 arrays = arrays["state"]
                 state = template.replace(

@@ -95,6 +95,19 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_math(args: argparse.Namespace) -> int:
+    import json
+
+    from qsharp_jax import eval_math
+
+    cfg = config.load(eval_math.EvalMathConfig, None, [f"run={json.dumps(args.run)}", *args.overrides])
+    results = eval_math.evaluate_math(cfg)
+    out = cfg.out or str(Path(results["run"]) / "eval")
+    print(eval_math.markdown(results), end="")
+    print(f"written: {out}/eval.json, eval.md, samples.jsonl{', kl_sweep.png' if results['sweep'] else ''}")
+    return 0
+
+
 def _plot(args: argparse.Namespace) -> int:
     from qsharp_jax import runs
 
@@ -116,6 +129,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     sample.add_argument("--num", type=int, default=8, help="how many evaluation prompts to sample (>= 1)")
     sample.add_argument("--seed", type=int, default=0)
     sample.set_defaults(func=_sample)
+    em = sub.add_parser("eval-math", help="Table 1 of a math run: π_ref, CD and Q♯ sampled and scored on problems")
+    em.add_argument("run", help="a run directory of `qsharp train` (task: math), or its config YAML")
+    em.add_argument("overrides", nargs="*", help="EvalMathConfig key=value, e.g. test_file=data/math500.jsonl "
+                                                 "samples=8 sweep=[0.05,0.1,0.2]")
+    em.set_defaults(func=_eval_math)
     plot = sub.add_parser("plot", help="draw a run's learning curves to PNG")
     plot.add_argument("run_dir")
     plot.add_argument("--out", help="PNG path (default: RUN_DIR/learning_curves.png)")

@@ -125,17 +125,23 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def differences(saved: Mapping[str, Any], now: Mapping[str, Any], ignore: Sequence[str] = ()) -> list[str]:
+def differences(saved: Mapping[str, Any], now: Mapping[str, Any], ignore: Sequence[str] = (),
+                defaults: Mapping[str, Any] | None = None) -> list[str]:
     """The dotted fields where two saved configs differ (``ignore``: fields free to change),
-    each as ``"field (saved X, now Y)"``; empty when they agree."""
+    each as ``"field (saved X, now Y)"``; empty when they agree. ``defaults`` (the config class's
+    default values, as :func:`as_json` writes them): a field that ``saved`` lacks (a config written
+    before the field existed) counts as its default."""
     flat_saved, flat_now = flatten(saved), flatten(now)
+    for key, value in flatten(defaults or {}).items():
+        flat_saved.setdefault(key, value)
     keys = sorted(k for k in set(flat_saved) | set(flat_now) if k not in ignore and flat_saved.get(k) != flat_now.get(k))
     return [f"{k} (saved {flat_saved.get(k)!r}, now {flat_now.get(k)!r})" for k in keys]
 
 
-def check_same(saved: Mapping[str, Any], now: Mapping[str, Any], where: str, ignore: Sequence[str] = ()) -> None:
+def check_same(saved: Mapping[str, Any], now: Mapping[str, Any], where: str, ignore: Sequence[str] = (),
+               defaults: Mapping[str, Any] | None = None) -> None:
     """Refuse to continue ``where`` (a run directory, a checkpoint) with another config."""
-    differ = differences(saved, now, ignore)
+    differ = differences(saved, now, ignore, defaults)
     if differ:
         raise ValueError(f"{where} was written with another config; fields that differ: {', '.join(differ)}. "
                          "Use a new run directory, or the saved config.")

@@ -169,3 +169,25 @@ def guided_logits(
     # unique id gets exactly its offset and a repeated id deterministically gets its largest.
     full = jnp.broadcast_to(fill, (ids.shape[0], vocab)).at[rows, ids].max(offs)
     return ref_logits.astype(jnp.float32) + full.reshape(*lead, vocab)
+
+
+def guidance_kl(ref_candidate_logits: jax.Array, ref_lse: jax.Array, offsets: jax.Array) -> jax.Array:
+    """KL(π_g ‖ π_ref) of one guided step, π_g = softmax of :func:`guided_logits` (``others="min"``)
+    at temperature 1 before any truncation: the paper's per-token KL (π_ref's own is 0).
+
+    With q = π_ref, o the candidates' offsets shifted by their row minimum (the other tokens' shift)
+    and Z = Σ_c q_c e^{o_c} + (1 − Σ_c q_c): KL = Σ_c q_c e^{o_c} o_c / Z − log Z. O(k) per row.
+
+    Args:
+      ref_candidate_logits: float ``[..., k]``, π_ref's logits of the k candidates (distinct ids).
+      ref_lse: float ``[...]``, logsumexp of π_ref's logits over the whole vocabulary.
+      offsets: float ``[..., k]``, the candidates' offsets (0 everywhere: unguided, KL 0).
+    Returns:
+      float32 ``[...]``.
+    """
+    o = offsets - jnp.min(offsets, axis=-1, keepdims=True)
+    log_q = ref_candidate_logits - ref_lse[..., None]
+    rest = jnp.log(jnp.maximum(1.0 - jnp.sum(jnp.exp(log_q), axis=-1), 0.0))  # π_ref's mass off the candidates
+    log_w = log_q + o
+    log_z = jnp.logaddexp(jax.nn.logsumexp(log_w, axis=-1), rest)
+    return jnp.sum(jnp.exp(log_w - log_z[..., None]) * o, axis=-1) - log_z

@@ -21,17 +21,19 @@ time, the value model is no longer run. Everything is deterministic given ``key`
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
-from typing import Literal
+from typing import Any, Callable, Literal
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
+from tqdm import tqdm
 
-from qsharp_jax import _validate
+from qsharp_jax import _validate, failpoints
 from qsharp_jax import guidance as guidance_lib
 from qsharp_jax.models.transformer import Transformer
 from qsharp_jax.models.value import ValueModel, check_compatible
@@ -48,6 +50,9 @@ class Rollout:
       mask: bool ``[B, N]``, True for generated tokens up to and including EOS.
       ref_logprobs: float32 ``[B, N]``, log π_ref of each sampled token (0 where masked).
       logprobs: float32 ``[B, N]``, log-probability under the policy actually sampled from.
+      guidance_kl: float32 ``[B]``, Σ_t KL(π_g,t ‖ π_ref,t) with π_g,t = softmax(π_ref's logits +
+        the value offsets) at temperature 1, before top-k / top-p (the paper's Table-1 KL:
+        :func:`~qsharp_jax.guidance.guidance_kl`); 0 for π_ref and after the switch time.
       kl: float32 ``[B]``, Σ_t KL(π_t ‖ π_ref,t) over full next-token distributions.
       lengths: int32 ``[B]``, number of generated tokens (EOS included).
       finite: bool ``[B]``, False where some step's policy had NaN log-probabilities (a value
@@ -61,6 +66,7 @@ class Rollout:
     kl: jax.Array
     lengths: jax.Array
     finite: jax.Array
+    guidance_kl: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -274,7 +280,8 @@ def _generate(ref_graph, ref_state, value_graph, value_state, prompt_ids, prompt
         candidate's guided logit is >= any other token's (offsets >= their row minimum, π_ref
         logits >= the k-th), so the final top-k of the guided policy is this same set.
         """
-        ref_top, cand = jax.lax.top_k(ref_logits, spec.top_k)
+        # ids the value model has (its vocabulary may be padded less than π_ref's: a static slice)
+        ref_top, cand = jax.lax.top_k(ref_logits[:, : value.vocab_size], spec.top_k)
 
         def score():
             values, kv = value.score_candidates(cand, value_cache, return_kv=True)
@@ -289,24 +296,28 @@ def _generate(ref_graph, ref_state, value_graph, value_state, prompt_ids, prompt
             offsets, kv = score()
         else:
             offsets, kv = jax.lax.cond(jnp.any(guide_now), score, skip)
+        g_kl = guidance_lib.guidance_kl(ref_top, jax.nn.logsumexp(ref_logits, axis=-1), offsets)
         values = (ref_top + offsets) / spec.temperature
         if spec.top_p == 1.0:
-            return _nucleus(values, 1.0), cand, ref_top, None, kv
+            return _nucleus(values, 1.0), cand, ref_top, None, kv, g_kl
         order = jnp.argsort(-values, axis=-1)  # best first, for top-p
         take = lambda x: jnp.take_along_axis(x, order, axis=-1)  # noqa: E731
-        return _nucleus(take(values), spec.top_p), take(cand), take(ref_top), order, kv
+        return _nucleus(take(values), spec.top_p), take(cand), take(ref_top), order, kv, g_kl
 
     def step(carry):
         t, ref_logits, ref_cache, value_cache, value_out, out, done = carry
         active = ~done
         guide_now = active & (t < switch_time)
         ref_lse = jax.nn.logsumexp(ref_logits, axis=-1)
+        g_kl = jnp.zeros((batch,), jnp.float32)
         if v_type:
-            log_policy, ids, ref_at_ids, order, kv = v_type_candidates(ref_logits, value_cache, guide_now)
+            log_policy, ids, ref_at_ids, order, kv, g_kl = v_type_candidates(ref_logits, value_cache, guide_now)
         else:
             policy_logits = ref_logits
             if spec.guidance is not None:  # Q-type: every token's value is at hand
                 policy_logits = jnp.where(guide_now[:, None], ref_logits + offsets_of(value_out), ref_logits)
+                log_g = jax.nn.log_softmax(policy_logits, axis=-1)
+                g_kl = jnp.sum(jnp.exp(log_g) * (log_g - jax.nn.log_softmax(ref_logits, axis=-1)), axis=-1)
             log_policy, ids = truncate(policy_logits, temperature=spec.temperature, top_k=spec.top_k,
                                        top_p=spec.top_p)
             ref_at_ids = jnp.take_along_axis(ref_logits, ids, axis=-1)
@@ -320,6 +331,7 @@ def _generate(ref_graph, ref_state, value_graph, value_state, prompt_ids, prompt
             "logprobs": out["logprobs"].at[:, t].set(jnp.where(active, logprob, 0.0)),
             "ref_logprobs": out["ref_logprobs"].at[:, t].set(jnp.where(active, ref_logprob, 0.0)),
             "kl": out["kl"] + jnp.where(active, kl, 0.0),
+            "guidance_kl": out["guidance_kl"] + jnp.where(guide_now, g_kl, 0.0),
             "finite": out["finite"] & ~(active & jnp.any(jnp.isnan(log_policy), axis=-1)),
         }
         if spec.eos_id is not None:
@@ -351,8 +363,59 @@ def _generate(ref_graph, ref_state, value_graph, value_state, prompt_ids, prompt
         "logprobs": jnp.zeros((batch, n), jnp.float32),
         "ref_logprobs": jnp.zeros((batch, n), jnp.float32),
         "kl": jnp.zeros((batch,), jnp.float32),
+        "guidance_kl": jnp.zeros((batch,), jnp.float32),
         "finite": jnp.ones((batch,), bool),
     }
     carry = (jnp.int32(0), ref_logits, ref_cache, value_cache, value_out, out, jnp.zeros((batch,), bool))
     *_, out, _ = jax.lax.while_loop(cond, step, carry)
     return Rollout(lengths=jnp.sum(out["mask"], axis=1, dtype=jnp.int32), **out)
+
+
+def generate_chunked(
+    ref_model: Transformer, prompt_ids: np.ndarray, prompt_mask: np.ndarray, *, key: jax.Array, batch: int,
+    name: str = "generate", score: Callable[[np.ndarray, Rollout], Any] | None = None, progress: bool = False,
+    **kwargs,
+) -> Rollout | tuple[Rollout, np.ndarray]:
+    """:func:`generate` over any number of rows, at most ``batch`` per call; fields as numpy arrays.
+
+    Row r is keyed by its global index (``row_ids``), so the tokens do not depend on ``batch``. The
+    last chunk is padded with copies of the last row to the same shape (one compilation). Chunk
+    i + 1 is dispatched before chunk i is copied to the host, and ``score(rows, chunk)`` (e.g. a
+    task's rewards: decoding and answer checking, CPU work) runs on a helper thread meanwhile, so
+    it stays off the accelerator's critical path; then ``(rollout, concatenated scores)`` is
+    returned. ``kwargs``: of :func:`generate` (``switch_time`` is per row and chunked with them).
+
+    Raises FloatingPointError (naming ``name`` and the rows) where the guidance was not finite.
+    """
+    n = len(prompt_ids)
+    starts = range(0, n, batch)
+    outs: list[Rollout] = []
+    scores: list[concurrent.futures.Future] = []
+
+    def finish(start: int, rows: np.ndarray, out: Rollout, pool) -> None:
+        host = jax.tree.map(lambda x: np.asarray(x)[: len(rows)], out)
+        outs.append(host)
+        if score is not None:
+            scores.append(pool.submit(score, rows, host))
+        failpoints.reach(f"{name}/{start}")
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        pending = None
+        for start in tqdm(starts, desc=name, disable=not progress, unit="chunk"):
+            rows = np.minimum(np.arange(start, start + batch), n - 1) if n > batch else np.arange(n)
+            chunk = {k: (np.asarray(v)[rows] if k == "switch_time" and v is not None else v) for k, v in kwargs.items()}
+            out = generate(ref_model, prompt_ids[rows], prompt_mask[rows], key=key, row_ids=rows, **chunk)
+            if pending is not None:
+                finish(*pending, pool)
+            pending = (start, rows[: min(batch, n - start)], out)
+        if pending is not None:
+            finish(*pending, pool)
+        scored = [f.result() for f in scores]
+    out = jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
+    if not out.finite.all():
+        bad = np.flatnonzero(~out.finite)
+        raise FloatingPointError(
+            f"{name}: the value model's guidance was NaN or infinite on {len(bad)} of {n} rows (rows "
+            f"{', '.join(map(str, bad[:8]))}{', ...' if len(bad) > 8 else ''}); its parameters are broken. "
+            "Stopped before using these samples; the checkpoints on disk are kept")
+    return out if score is None else (out, np.concatenate(scored))

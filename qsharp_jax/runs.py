@@ -32,6 +32,7 @@ from qsharp_jax.models.transformer import Transformer
 from qsharp_jax.models.value import HeadConfig, ValueModel
 from qsharp_jax.storage import aside_name, atomic_write
 from qsharp_jax.tasks import TASKS, Task, make_task
+from qsharp_jax.tasks.math_task import MathTaskConfig
 from qsharp_jax.train import TrainState
 
 _GUIDANCE_LABEL = {"qsharp": "Q♯", "cd": "CD", "bernoulli": "Q♯ (Bernoulli)"}
@@ -49,6 +50,7 @@ class RunConfig:
       head: the value head (kind, atoms, V- or Q-type).
       algorithm: Algorithm 1's settings.
       mesh: devices as a (data, fsdp, tensor) mesh, -1 taking what is left; None: one device.
+      math: the math task's data, tokenizer and answer checking (read when ``task`` is ``math``).
     """
 
     run_dir: str = "runs/planted_token"
@@ -58,6 +60,7 @@ class RunConfig:
     head: HeadConfig = HeadConfig()
     algorithm: algorithm.AlgorithmConfig = algorithm.AlgorithmConfig()
     mesh: tuple[int, int, int] | None = None
+    math: MathTaskConfig = MathTaskConfig()
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -66,7 +69,7 @@ class RunConfig:
 
 def build(cfg: RunConfig) -> tuple[Task, Transformer, ValueModel]:
     """The task, π_ref and the (fresh) value model of ``cfg``, checked against each other."""
-    task = make_task(cfg.task)
+    task = make_task(cfg.task, cfg)
     ref = build_reference(cfg.reference)
     value = build_value(cfg.value, cfg.head)
     algorithm.check_setup(cfg.algorithm, task, ref, value)
@@ -95,17 +98,24 @@ def start_or_resume(cfg: RunConfig, *, progress: bool = True) -> list[dict[str, 
     mesh = None if cfg.mesh is None else sharding_lib.make_mesh(*cfg.mesh)
     _make_writable(run_dir)
     with contextlib.ExitStack() as stack:
+        stack.callback(close_task, task)
         if jax.process_index() == 0:  # on a pod the coordinator holds the lock
             stack.enter_context(RunLock(run_dir))
         saved_file = run_dir / "config.json"
         if saved_file.exists():
             saved = _read_json(saved_file)
-            if config_lib.differences(saved, config, RESUMABLE_FIELDS):
+            defaults = config_lib.as_json(RunConfig())
+            if config_lib.differences(saved, config, RESUMABLE_FIELDS, defaults):
                 if _completed_iterations(run_dir):
-                    config_lib.check_same(saved, config, str(run_dir), RESUMABLE_FIELDS)
+                    config_lib.check_same(saved, config, str(run_dir), RESUMABLE_FIELDS, defaults)
                 _abandon(run_dir)
         atomic_write(saved_file, lambda f: f.write(json.dumps(config, indent=1).encode()))
         return algorithm.run(cfg.algorithm, task, ref, value, run_dir, progress=progress, mesh=mesh, lock=False)
+
+
+def close_task(task: Task) -> None:
+    """Stop what a task runs beside the driver (the math task's answer-checking processes)."""
+    getattr(task, "close", lambda: None)()
 
 
 def _make_writable(run_dir: Path) -> None:
@@ -159,7 +169,10 @@ def load_run(run_dir: str | Path) -> tuple[RunConfig, Task, Transformer, TrainSt
 def evaluate_run(run_dir: str | Path) -> dict[str, float]:
     """Evaluate the newest checkpoint of a run (guided policy and π_ref: reward and KL)."""
     cfg, task, ref, state, iteration = load_run(run_dir)
-    return {"iteration": iteration, **algorithm.evaluate(cfg.algorithm, task, ref, state, iteration)}
+    try:
+        return {"iteration": iteration, **algorithm.evaluate(cfg.algorithm, task, ref, state, iteration)}
+    finally:
+        close_task(task)
 
 
 def sample_run(run_dir: str | Path, num: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -167,15 +180,19 @@ def sample_run(run_dir: str | Path, num: int = 8, seed: int = 0) -> tuple[np.nda
     if num < 1:
         raise ValueError(f"num must be >= 1 (how many evaluation prompts to sample), got {num}")
     cfg, task, ref, state, _ = load_run(run_dir)
-    prompts, mask = task.eval_prompts()
-    if num > len(prompts):
-        raise ValueError(f"num={num} exceeds the task's {len(prompts)} evaluation prompts; ask for at most "
-                         f"{len(prompts)}")
-    prompts, mask = prompts[:num], mask[:num]
-    out = rollout.generate(ref, prompts, mask, key=jax.random.key(seed), **algorithm.sampling_settings(cfg.algorithm, task),
-                           **algorithm.guidance_args(cfg.algorithm, state))
-    tokens = np.asarray(out.tokens)
-    return prompts, tokens, task.reward(prompts, tokens, np.asarray(out.mask))
+    try:
+        prompts, mask = task.eval_prompts()
+        if num > len(prompts):
+            raise ValueError(f"num={num} exceeds the task's {len(prompts)} evaluation prompts; ask for at most "
+                             f"{len(prompts)}")
+        prompts, mask = prompts[:num], mask[:num]
+        out = rollout.generate(ref, prompts, mask, key=jax.random.key(seed),
+                               **algorithm.sampling_settings(cfg.algorithm, task),
+                               **algorithm.guidance_args(cfg.algorithm, state))
+        tokens = np.asarray(out.tokens)
+        return prompts, tokens, task.reward(prompts, tokens, np.asarray(out.mask))
+    finally:
+        close_task(task)
 
 
 def _guidance_label(run_dir: Path) -> str:

@@ -348,4 +348,5 @@ def make_train_step(
         # committed inputs carry their shardings into the jit: the state's are the step's
         return jitted(jax.device_put(state, shardings), jax.device_put(batch, batch_sharding), extra, halt)
 
+    sharded_step.jitted = jitted  # for lowering from abstract inputs (qsharp plan)
     return sharded_step

@@ -23,14 +23,15 @@ CONFIGS = {
 }
 
 
-def make_checkpoint(kind: str, path, *, seed: int = 0, max_shard_size: str | None = None, dtype=torch.float32):
-    """Save a random model of ``kind`` to ``path``; returns the torch model (float32, eval mode).
+def make_checkpoint(kind, path, *, seed: int = 0, max_shard_size: str | None = None, dtype=torch.float32):
+    """Save a random model of ``kind`` (a name of CONFIGS, or a transformers config) to ``path``;
+    returns the torch model (float32, eval mode).
 
     Weights are redrawn with std 0.2 (norm scales around 1) so that a wrong mapping changes the
     logits by far more than the test tolerance.
     """
     torch.manual_seed(seed)
-    config = CONFIGS[kind]()
+    config = CONFIGS[kind]() if isinstance(kind, str) else kind
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():

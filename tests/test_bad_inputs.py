@@ -29,6 +29,7 @@ def _cases(tmp: Path, done: Path) -> list[tuple[str, list[str]]]:
     (tmp / "list.yaml").write_text("- 1\n- 2\n")
     (tmp / "a_file").write_text("")
     run = f"run_dir={tmp}/run"
+    math = _math_files(tmp)
     return [
         ("config file is not valid YAML", ["train", str(tmp / "bad.yaml"), run]),
         ("config file is binary", ["train", str(tmp / "binary.yaml"), run]),
@@ -59,6 +60,21 @@ def _cases(tmp: Path, done: Path) -> list[tuple[str, list[str]]]:
         ("run_dir cannot be written (below a file)", ["train", TOY, f"run_dir={tmp}/a_file/run"]),
         ("resume with another config", ["train", TOY, f"run_dir={done}", *TINY, "algorithm.eta=0.2"]),
         ("run directory in use", ["train", TOY, f"run_dir={tmp}/locked", *TINY]),
+        ("math: no train_file", ["train", run, *math["models"]]),
+        ("math: a record without its answer", ["train", run, *math["models"], f"math.tokenizer={tmp}/chat",
+                                               f"math.train_file={tmp}/bad.jsonl"]),
+        ("math: dataset file does not exist", ["train", run, *math["models"], f"math.tokenizer={tmp}/chat",
+                                               f"math.train_file={tmp}/none.jsonl"]),
+        ("math: tokenizer without a chat template", ["train", run, *math["models"], f"math.train_file={tmp}/ok.jsonl",
+                                                     f"math.tokenizer={tmp}/plain"]),
+        ("math: value tokenizer differs from π_ref's", ["train", run, *math["args"], f"math.value_tokenizer={tmp}/other"]),
+        ("math: every prompt longer than max_prompt_len", ["train", run, *math["args"], "math.max_prompt_len=4"]),
+        ("math: prompt + response beyond learned positions",
+         ["train", run, *math["args"], "reference.architecture=gpt2", "algorithm.max_new_tokens=60"]),
+        ("math: eos_token not in the tokenizer", ["train", run, *math["args"], "math.eos_token=<eos>"]),
+        ("unknown model preset", ["train", run, *math["args"], "reference.preset=llama-9b"]),
+        ("eval-math of a run of another task", ["eval-math", str(done)]),
+        ("eval-math: samples = 0", ["eval-math", str(done), "samples=0"]),
         ("eval of a directory that is no run", ["eval", str(tmp)]),
         ("sample --num 0", ["sample", str(done), "--num", "0"]),
         ("sample --num beyond the evaluation prompts", ["sample", str(done), "--num", "1000"]),
@@ -66,6 +82,21 @@ def _cases(tmp: Path, done: Path) -> list[tuple[str, list[str]]]:
         ("tabular: η = 0", ["tabular", "etas=[0]"]),
         ("tabular: depth 0", ["tabular", "depths=[0]"]),
     ]
+
+
+def _math_files(tmp: Path) -> dict[str, list[str]]:
+    """A 2-problem math dataset, a broken one, tokenizers (with a chat template, without one, another
+    vocabulary), and the arguments of a math run on them with fresh models."""
+    from test_math_data import tiny_chat_tokenizer
+
+    (tmp / "ok.jsonl").write_text('{"problem": "two plus three", "answer": "5"}\n{"problem": "one", "answer": "1"}\n')
+    (tmp / "bad.jsonl").write_text('{"problem": "two plus three", "answer": "5"}\n{"problem": "one"}\n')
+    tiny_chat_tokenizer().save_pretrained(tmp / "chat")
+    tiny_chat_tokenizer(template=False).save_pretrained(tmp / "plain")
+    tiny_chat_tokenizer(extra=["four"]).save_pretrained(tmp / "other")
+    models = ["task=math", "reference.vocab_size=40", "value.vocab_size=40", "math.workers=1", "math.eos_token=<end>"]
+    return {"models": models, "args": [*models, f"math.train_file={tmp}/ok.jsonl", f"math.eval_file={tmp}/ok.jsonl",
+                                       f"math.tokenizer={tmp}/chat"]}
 
 
 @pytest.fixture(scope="module")

@@ -98,7 +98,9 @@ def offsets_of(values: np.ndarray, guidance: str) -> np.ndarray:
 def recompute(ref, value, prompt_ids, prompt_mask, tokens, *, guidance, top_k, temperature, top_p):
     """The policy of every step, rebuilt without caches from the sampled ``tokens [B, N]``.
 
-    Returns (log π_t ``[B, N, V]``, log π_ref,t ``[B, N, V]``, unguided log π_t ``[B, N, V]``), float64.
+    Returns (log π_t ``[B, N, V]``, log π_ref,t ``[B, N, V]``, unguided log π_t ``[B, N, V]``, the
+    guidance's KL(softmax(π_ref logits + offsets) ‖ π_ref) at temperature 1, untruncated ``[B, N]``),
+    float64.
     Steps after a row's EOS are computed too (on pad tokens) and must simply be ignored.
     """
     prefixes = [np.concatenate([np.asarray(prompt_ids[b])[np.asarray(prompt_mask[b])], tokens[b, :t]])
@@ -117,7 +119,9 @@ def recompute(ref, value, prompt_ids, prompt_mask, tokens, *, guidance, top_k, t
     log_pi = np.stack([policy(x) for x in ref_logits + np.where(guided, offsets, 0.0)])
     unguided = np.stack([policy(x) for x in ref_logits])
     log_ref = ref_logits - logsumexp(ref_logits, axis=-1, keepdims=True)
-    return tuple(x.reshape(len(tokens), N, V) for x in (log_pi, log_ref, unguided))
+    log_g = ref_logits + offsets - logsumexp(ref_logits + offsets, axis=-1, keepdims=True)
+    g_kl = np.where(guided[:, 0], np.sum(np.exp(log_g) * (log_g - log_ref), axis=-1), 0.0)
+    return (*(x.reshape(len(tokens), N, V) for x in (log_pi, log_ref, unguided)), g_kl.reshape(len(tokens), N))
 
 
 # (head kind, Q-type, guidance, top_k, temperature, top_p, eos_id, seed): each is one compilation
@@ -145,7 +149,7 @@ def test_guided_rollout_equals_uncached_recompute(ref, case):
                    eta=ETA, top_k=top_k, temperature=temperature, top_p=top_p, switch_time=jnp.asarray(SWITCH),
                    eos_id=eos_id, pad_id=V - 1)
     tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
-    log_pi, log_ref, unguided = recompute(ref, value, ids, mask, tokens, guidance=guidance, top_k=top_k,
+    log_pi, log_ref, unguided, g_kl = recompute(ref, value, ids, mask, tokens, guidance=guidance, top_k=top_k,
                                           temperature=temperature, top_p=top_p)
 
     for b in range(len(tokens)):
@@ -162,6 +166,8 @@ def test_guided_rollout_equals_uncached_recompute(ref, case):
         pi = np.exp(log_pi[b, :n])
         kl = np.sum(pi * np.where(pi > 0, log_pi[b, :n] - log_ref[b, :n], 0.0))  # 0 log 0 = 0
         np.testing.assert_allclose(out.kl[b], kl, atol=1e-4, rtol=1e-4, err_msg=f"row {b}")
+        np.testing.assert_allclose(out.guidance_kl[b], g_kl[b, :n].sum(), atol=1e-4, rtol=1e-4, err_msg=f"row {b}")
+    assert np.asarray(out.guidance_kl)[SWITCH == 0].max() == 0 and g_kl.max() > 0.01
 
     # the checks above have teeth only if guidance matters, top-p cuts and (with EOS) some row ends early
     live = np.arange(N)[None, :] < lengths[:, None]

@@ -9,6 +9,7 @@ from hf_fixtures import make_checkpoint
 from qsharp_jax import sharding
 from qsharp_jax.models import from_hf
 from qsharp_jax.models.value import HeadConfig, ValueModel, check_compatible, value_from_hf, value_from_scratch
+from qsharp_jax.rollout import generate
 
 
 @pytest.fixture(scope="module")
@@ -79,10 +80,20 @@ def test_sharded_value_models_equal_single_device(llama_dir):
 
 def test_vocabulary_mismatch_and_bad_heads(llama_dir):
     ref = from_hf(llama_dir)
-    other = value_from_scratch(ref.cfg.__class__(**{**ref.cfg.__dict__, "vocab_size": 50}), HeadConfig())
-    with pytest.raises(ValueError, match=r"value model vocabulary \(50\) differs from the reference model's \(61\)"):
-        check_compatible(ref, other)
+    sized = lambda v, **head: value_from_scratch(ref.cfg.__class__(**{**ref.cfg.__dict__, "vocab_size": v}),  # noqa: E731
+                                                HeadConfig(**head))
+    with pytest.raises(ValueError, match=r"value model vocabulary \(70\) differs from the reference model's \(61\)"
+                                         ".* must be at most π_ref's"):
+        check_compatible(ref, sized(70))
+    with pytest.raises(ValueError, match=r"\(50\) differs .* must equal π_ref's \(a Q-type head"):
+        check_compatible(ref, sized(50, q_type=True))
     check_compatible(ref, value_from_scratch(ref.cfg, HeadConfig()))
+    # a V-type model padded less than π_ref (Qwen2.5 1.5B under 7B): guidance draws among its ids only
+    smaller = sized(50)
+    check_compatible(ref, smaller)
+    out = generate(ref, np.ones((16, 2), np.int32), np.ones((16, 2), bool), key=jax.random.key(0), max_new_tokens=6,
+                   value_model=smaller, guidance="qsharp", eta=0.5, top_k=20, temperature=3.0)
+    assert int(np.max(out.tokens)) < 50 and np.isfinite(np.asarray(out.kl)).all()
     with pytest.raises(ValueError, match="categorical, bernoulli or scalar"):
         HeadConfig("gaussian")
     with pytest.raises(ValueError, match="num_atoms >= 2"):

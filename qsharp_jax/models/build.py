@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Literal
 
 import jax
@@ -10,7 +11,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qsharp_jax.models import gpt2
-from qsharp_jax.models.hf import from_hf
+from qsharp_jax.models.hf import config_from_hf, from_hf, read_config
+from qsharp_jax.models.presets import check_matches, preset_config
 from qsharp_jax.models.transformer import Transformer, TransformerConfig
 from qsharp_jax.models.value import HeadConfig, ValueModel, value_from_hf, value_from_scratch
 
@@ -21,14 +23,19 @@ class ModelSpec:
 
     Fields:
       hf_path: a local Hugging Face directory to load (then the sizes below are ignored).
+      preset: a known architecture (:data:`~qsharp_jax.models.presets.PRESETS`: ``llama-3-8b``,
+        ``llama-3.1-8b``, ``llama-3.2-1b``, ``qwen2.5-7b``, ``qwen2.5-1.5b``): what ``qsharp plan``
+        and dry runs build without weights; checked against ``hf_path``'s config when loading.
       architecture: of a fresh model: ``llama`` (RMSNorm, SwiGLU, RoPE) or ``gpt2`` (LayerNorm,
         GELU MLP, learned positions, biases, tied embeddings).
       vocab_size, hidden_size, num_layers, num_heads, mlp_dim, max_positions: its sizes (head
         dimension = hidden_size / num_heads).
       seed: of the random initialization (and of a value model's fresh head).
+      dtype: of the parameters (``bfloat16`` halves their memory; logits are float32 either way).
     """
 
     hf_path: str | None = None
+    preset: str = ""
     architecture: Literal["llama", "gpt2"] = "llama"
     vocab_size: int = 8
     hidden_size: int = 16
@@ -37,8 +44,22 @@ class ModelSpec:
     mlp_dim: int = 32
     max_positions: int = 64
     seed: int = 0
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+    def __post_init__(self):
+        if self.preset:
+            preset_config(self.preset)  # an unknown name fails with the known ones
 
     def transformer_config(self) -> TransformerConfig:
+        """The architecture: ``hf_path``'s config.json when the directory is there, else the
+        preset's, else a fresh decoder of the sizes given."""
+        if self.hf_path and Path(self.hf_path).is_dir():
+            hf = read_config(self.hf_path)
+            if self.preset:
+                check_matches(self.preset, hf, self.hf_path)
+            return config_from_hf(hf)
+        if self.preset:
+            return config_from_hf(preset_config(self.preset))
         if self.architecture == "gpt2":
             return gpt2.config_from_hf({
                 "vocab_size": self.vocab_size, "n_embd": self.hidden_size, "n_layer": self.num_layers,
@@ -53,14 +74,20 @@ class ModelSpec:
         )
 
 
-def build_reference(spec: ModelSpec, dtype=jnp.float32) -> Transformer:
+def build_reference(spec: ModelSpec, dtype=None) -> Transformer:
+    dtype = jnp.dtype(spec.dtype) if dtype is None else dtype
     if spec.hf_path:
+        if spec.preset:
+            check_matches(spec.preset, read_config(spec.hf_path), spec.hf_path)
         return from_hf(spec.hf_path, dtype=dtype)
     return Transformer(spec.transformer_config(), dtype=dtype, rngs=nnx.Rngs(spec.seed))
 
 
-def build_value(spec: ModelSpec, head: HeadConfig, dtype=jnp.float32) -> ValueModel:
+def build_value(spec: ModelSpec, head: HeadConfig, dtype=None) -> ValueModel:
+    dtype = jnp.dtype(spec.dtype) if dtype is None else dtype
     if spec.hf_path:
+        if spec.preset:
+            check_matches(spec.preset, read_config(spec.hf_path), spec.hf_path)
         return value_from_hf(spec.hf_path, head, seed=spec.seed, dtype=dtype)
     return value_from_scratch(spec.transformer_config(), head, seed=spec.seed, dtype=dtype)
 

@@ -172,11 +172,19 @@ class ValueModel(nnx.Module):
 
 
 def check_compatible(reference: Transformer, value: ValueModel) -> None:
-    """The value model must score tokens of the reference model's vocabulary."""
-    if reference.cfg.vocab_size != value.vocab_size:
+    """The value model must score tokens of the reference model's vocabulary (one tokenizer).
+
+    A V-type value model may have fewer embedding rows than π_ref (checkpoints of one tokenizer
+    pad their vocabularies differently: Qwen2.5 7B has 152,064 rows, 1.5B 151,936); guidance then
+    draws π_ref's candidates among the ids both models have. A Q-type head scores every id: the
+    vocabularies must be equal.
+    """
+    ref_vocab, value_vocab = reference.cfg.vocab_size, value.vocab_size
+    if value_vocab > ref_vocab or (value.head_cfg.q_type and value_vocab != ref_vocab):
+        need = "equal π_ref's (a Q-type head scores every token)" if value.head_cfg.q_type else "be at most π_ref's"
         raise ValueError(
-            f"value model vocabulary ({value.vocab_size}) differs from the reference model's "
-            f"({reference.cfg.vocab_size}); both must share one tokenizer"
+            f"value model vocabulary ({value_vocab}) differs from the reference model's ({ref_vocab}); both must "
+            f"share one tokenizer, and the value model's vocabulary must {need}"
         )
 
 

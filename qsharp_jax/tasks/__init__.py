@@ -2,14 +2,18 @@
 protocol and registered by name in :data:`TASKS` (the ``task`` field of ``qsharp train``).
 
 A new task is a module here with a class that has the protocol's attributes and methods, plus one
-line in :data:`TASKS`.
+line in :data:`TASKS`: a factory from the run's config (a task with settings of its own reads them
+from its typed section of :class:`~qsharp_jax.runs.RunConfig`, as ``math`` does).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from qsharp_jax.runs import RunConfig
 
 
 class Task(Protocol):
@@ -36,24 +40,34 @@ class Task(Protocol):
         """float ``[n]`` inside ``reward_range`` for completions ``[n, N]`` (mask False after EOS)."""
 
 
-def _planted_token() -> Task:
+def _planted_token(cfg: RunConfig | None) -> Task:
     from qsharp_jax.tasks.planted_token import PlantedTokenTask
 
     return PlantedTokenTask()
 
 
-def _star_graph() -> Task:
+def _star_graph(cfg: RunConfig | None) -> Task:
     from qsharp_jax.tasks.star_graph import StarGraphTask
 
     return StarGraphTask.make()
 
 
-# name -> a task with its default settings (imported lazily: a task's dependencies load only when used)
-TASKS: dict[str, Callable[[], Task]] = {"planted_token": _planted_token, "star_graph": _star_graph}
+def _math(cfg: RunConfig | None) -> Task:
+    from qsharp_jax.tasks.math_task import MathTask
+
+    if cfg is None:
+        raise ValueError("the math task needs a run config (its `math:` section names the data and tokenizer)")
+    return MathTask.from_config(cfg.math, reference=cfg.reference.hf_path, value=cfg.value.hf_path)
 
 
-def make_task(name: str) -> Task:
-    """The registered task ``name``."""
+# name -> a task from the run's config (imported lazily: a task's dependencies load only when used)
+TASKS: dict[str, Callable[[RunConfig | None], Task]] = {
+    "planted_token": _planted_token, "star_graph": _star_graph, "math": _math,
+}
+
+
+def make_task(name: str, cfg: RunConfig | None = None) -> Task:
+    """The registered task ``name``, built from the run config ``cfg`` (None: its defaults)."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; available: {', '.join(sorted(TASKS))}")
-    return TASKS[name]()
+    return TASKS[name](cfg)

@@ -161,7 +161,10 @@ def _worker(conn, verify: Callable[[str, str], bool]) -> None:
     """A checker process: answers ``(pred, gold)`` pairs from ``conn`` until it gets None."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the parent, which stops us
     while True:
-        item = conn.recv()
+        try:
+            item = conn.recv()
+        except EOFError:  # the parent is gone
+            return
         if item is None:
             return
         pred, gold = item

@@ -139,7 +139,8 @@ def encode_prompts(tokenizer, problems: Sequence[Problem], max_prompt_len: int, 
             raise ValueError(message + "; raise max_prompt_len")
         warnings.warn(message + "; they are left out", stacklevel=2)
     if not kept:
-        raise ValueError(f"no prompt fits max_prompt_len={max_prompt_len}")
+        raise ValueError(f"all {len(encoded)} prompts are longer than max_prompt_len={max_prompt_len} tokens "
+                         f"(shortest {min(map(len, encoded))}); raise math.max_prompt_len")
     width = max(len(encoded[i]) for i in kept)
     ids = np.full((len(kept), width), pad_id, np.int32)
     mask = np.zeros((len(kept), width), bool)

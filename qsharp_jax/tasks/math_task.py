@@ -9,12 +9,105 @@ bounded time); the count of time-outs is kept in :attr:`MathTask.timeouts`.
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from qsharp_jax.tasks.math import AnswerChecker, extract_answer
-from qsharp_jax.tasks.math_data import Problem, encode_prompts
+from qsharp_jax.tasks.math import VERIFY_TIMEOUT, AnswerChecker, extract_answer
+from qsharp_jax.tasks.math_data import Problem, encode_prompts, load_problems, split_problems
+
+
+@dataclasses.dataclass(frozen=True)
+class MathTaskConfig:
+    """The ``math:`` section of a run config (``task: math``): data, tokenizer, answer checking.
+
+    Fields:
+      train_file: problems Algorithm 1 samples from: a local JSONL (or JSON list) file in the
+        official Q♯ layout, GSM8K's original or MATH's original (:func:`~qsharp_jax.tasks.math_data.load_problems`).
+      eval_file: the per-iteration evaluation problems; "" holds out ``eval_fraction`` of
+        ``train_file`` (by a seeded hash of the problem text: the same split on every machine).
+      eval_fraction: the held-out share of ``train_file`` when ``eval_file`` is "" (the paper: 0.1).
+      split_seed: seed of that hash.
+      max_eval_problems: evaluate each iteration on the first this-many evaluation problems (0: all).
+      tokenizer: π_ref's tokenizer: ``reference`` (the one saved with ``reference.hf_path``),
+        ``llama3`` / ``qwen2`` (built offline from the tiktoken ranks that pip packages ship, with
+        the Instruct chat template), or a local Hugging Face tokenizer directory.
+      value_tokenizer: the value model's, which must equal π_ref's token for token (Q♯ scores π_ref's
+        candidates by id): ``value`` (the one saved with ``value.hf_path``; nothing to check for a
+        fresh value model, which uses π_ref's ids), or as for ``tokenizer``.
+      max_prompt_len: prompts longer than this many tokens are left out (their count is reported).
+      eos_token: the token that ends a response ("": the tokenizer's EOS). Llama 3 Instruct:
+        ``<|eot_id|>``; Qwen2.5 Instruct: ``<|im_end|>``.
+      pad_token: left of prompts and after EOS ("": the tokenizer's pad token). Llama 3:
+        ``<|reserved_special_token_0|>`` (as the paper's code).
+      workers: answer-checking processes.
+      timeout: seconds per answer check; a check that runs out is scored wrong and counted.
+    """
+
+    train_file: str = ""
+    eval_file: str = ""
+    eval_fraction: float = 0.1
+    split_seed: int = 0
+    max_eval_problems: int = 0
+    tokenizer: str = "reference"
+    value_tokenizer: str = "value"
+    max_prompt_len: int = 512
+    eos_token: str = ""
+    pad_token: str = ""
+    workers: int = 2
+    timeout: float = VERIFY_TIMEOUT
+
+    def __post_init__(self):
+        if not 0 < self.eval_fraction < 1:
+            raise ValueError(f"math.eval_fraction must lie in (0, 1), got {self.eval_fraction}")
+        bad = [f"{k}={getattr(self, k)}" for k in ("max_prompt_len", "workers") if getattr(self, k) < 1]
+        if self.max_eval_problems < 0 or not self.timeout > 0 or bad:
+            raise ValueError(f"math: need max_prompt_len >= 1, workers >= 1, max_eval_problems >= 0 and timeout > 0; "
+                             f"got max_prompt_len={self.max_prompt_len}, workers={self.workers}, "
+                             f"max_eval_problems={self.max_eval_problems}, timeout={self.timeout}")
+
+
+def resolve_tokenizer(name: str, model_path: str | None, field: str, role: str):
+    """The tokenizer a :class:`MathTaskConfig` field names (``reference``/``value``: saved with the
+    model at ``model_path``; ``llama3``/``qwen2``: built offline; else a local directory)."""
+    from qsharp_jax.models import tokenizers
+    from qsharp_jax.models.hf import load_tokenizer
+
+    if name == role:
+        if not model_path:
+            raise ValueError(f"math.{field}={name!r} reads the tokenizer saved with {role}.hf_path, which is not set; "
+                             f"set math.{field} to llama3, qwen2 or a local tokenizer directory")
+        return load_tokenizer(model_path)
+    builders = {"llama3": tokenizers.llama3_tokenizer, "qwen2": tokenizers.qwen2_tokenizer}
+    if name in builders:
+        return builders[name]()
+    if not Path(name).is_dir():
+        raise ValueError(f"math.{field}={name!r} is neither {role}, llama3, qwen2 nor a tokenizer directory")
+    return load_tokenizer(name)
+
+
+def check_same_tokenizer(ref_tokenizer, value_tokenizer) -> None:
+    """Refuse a value model whose tokenizer is not π_ref's (its scores would go to other tokens)."""
+    ref_vocab, value_vocab = ref_tokenizer.get_vocab(), value_tokenizer.get_vocab()
+    if ref_vocab == value_vocab:
+        return
+    differ = sorted({t for t in ref_vocab.keys() | value_vocab.keys() if ref_vocab.get(t) != value_vocab.get(t)},
+                    key=lambda t: (ref_vocab.get(t, len(ref_vocab)), t))
+    first = differ[0]
+    raise ValueError(f"the value model's tokenizer ({len(value_vocab)} tokens) differs from π_ref's ({len(ref_vocab)} "
+                     f"tokens): {len(differ)} tokens have other ids, e.g. {first!r} is {ref_vocab.get(first, 'absent')} "
+                     f"for π_ref and {value_vocab.get(first, 'absent')} for the value model. Q♯ scores π_ref's candidate "
+                     "tokens by id, so the value model must share π_ref's tokenizer (Llama 3 / 3.1 8B: Llama 3.2 1B; "
+                     "Qwen2.5 7B: Qwen2.5 1.5B)")
+
+
+def _token_id(tokenizer, token: str, field: str) -> int:
+    vocab = tokenizer.get_vocab()
+    if token not in vocab:
+        raise ValueError(f"math.{field}={token!r} is not a token of the tokenizer")
+    return int(vocab[token])
 
 
 class MathTask:
@@ -25,6 +118,9 @@ class MathTask:
       pad_id, eos_id: default the tokenizer's pad and EOS tokens (Llama 3 Instruct: pass the id of
         ``<|eot_id|>``, the end of an assistant turn).
       workers, timeout: of the answer checker.
+
+    Attributes:
+      evaluation: the evaluation problems kept (in the order of :meth:`eval_prompts`).
     """
 
     reward_range = (0.0, 1.0)
@@ -36,11 +132,36 @@ class MathTask:
         self.eos_id = tokenizer.eos_token_id if eos_id is None else eos_id
         if self.eos_id is None:
             raise ValueError("the tokenizer has no EOS token: pass eos_id (the token that ends a response)")
+        if self.pad_id is None:
+            raise ValueError("the tokenizer has no pad token: set math.pad_token (Llama 3: "
+                             "<|reserved_special_token_0|>)")
         self._gold: dict[bytes, str] = {}  # a prompt's tokens (padding left out) -> its gold answer
-        self._train = self._encode(train, max_prompt_len, "train")
-        self._eval = self._encode(evaluation, max_prompt_len, "evaluation")
+        self._train, _ = self._encode(train, max_prompt_len, "train")
+        self._eval, self.evaluation = self._encode(evaluation, max_prompt_len, "evaluation")
         self._checker = AnswerChecker(workers=workers, timeout=timeout)
         self.vocab_size = len(tokenizer)
+
+    @classmethod
+    def from_config(cls, cfg: MathTaskConfig, *, reference: str | None, value: str | None) -> MathTask:
+        """The task of a run config's ``math:`` section; ``reference`` / ``value``: the models'
+        ``hf_path`` (None: a fresh model), where ``reference`` / ``value`` tokenizers are read."""
+        if not cfg.train_file:
+            raise ValueError("task: math needs math.train_file (a JSONL file of problems; see the README's "
+                             "'Math reasoning' section)")
+        tokenizer = resolve_tokenizer(cfg.tokenizer, reference, "tokenizer", "reference")
+        if cfg.value_tokenizer != "value" or value:
+            check_same_tokenizer(tokenizer, resolve_tokenizer(cfg.value_tokenizer, value, "value_tokenizer", "value"))
+        problems = load_problems(cfg.train_file)
+        if cfg.eval_file:
+            train, evaluation = problems, load_problems(cfg.eval_file)
+        else:
+            train, evaluation = split_problems(problems, cfg.eval_fraction, cfg.split_seed)
+        if cfg.max_eval_problems:
+            evaluation = evaluation[: cfg.max_eval_problems]
+        return cls(tokenizer, train, evaluation, max_prompt_len=cfg.max_prompt_len,
+                   pad_id=_token_id(tokenizer, cfg.pad_token, "pad_token") if cfg.pad_token else None,
+                   eos_id=_token_id(tokenizer, cfg.eos_token, "eos_token") if cfg.eos_token else None,
+                   workers=cfg.workers, timeout=cfg.timeout)
 
     def _encode(self, problems: Sequence[Problem], max_prompt_len: int, name: str):
         if not problems:
@@ -48,7 +169,7 @@ class MathTask:
         ids, mask, kept = encode_prompts(self.tokenizer, problems, max_prompt_len, self.pad_id)
         for row, gold in zip(ids, (problems[i].answer for i in kept)):
             self._gold[self._key(row, row != self.pad_id)] = gold
-        return ids, mask
+        return (ids, mask), [problems[i] for i in kept]
 
     @staticmethod
     def _key(ids: np.ndarray, mask: np.ndarray) -> bytes:
@@ -82,8 +203,12 @@ class MathTask:
         except KeyError:
             raise ValueError("a prompt is not one of this task's problems") from None
 
+    def check(self, answers: Sequence[str | None], golds: Sequence[str]) -> np.ndarray:
+        """bool ``[n]``: does each answer match its gold (bounded time per pair; see :attr:`timeouts`)?"""
+        return self._checker(answers, golds)
+
     def reward(self, prompts: np.ndarray, completions: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        return self._checker(self.answers(completions, mask), self.golds(prompts)).astype(np.float32)
+        return self.check(self.answers(completions, mask), self.golds(prompts)).astype(np.float32)
 
     def close(self) -> None:
         self._checker.close()

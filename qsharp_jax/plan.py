@@ -1,0 +1,191 @@
+"""Dry runs at full size without weights (``qsharp plan``): a run's π_ref, value model and train
+state are built abstractly (``nnx.eval_shape``: shapes, dtypes and shardings, no memory), and the
+rollout and the train step are lowered and compiled for the current devices exactly as the run
+would call them. XLA's own memory analysis of each compiled program then gives the bytes per
+device; the resident parameters and the KV caches are also counted from the shardings.
+
+On a CPU machine, fake the pod's device count (``qsharp plan --cpu-devices 8``): the layout, the
+collectives and the per-device shapes are those of 8 accelerators; XLA:CPU's buffer assignment
+approximates an accelerator's (same shapes, other fusion), so treat the totals as estimates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from qsharp_jax import objectives, rollout
+from qsharp_jax import sharding as sharding_lib
+from qsharp_jax.models import hf
+from qsharp_jax.models.transformer import Transformer, TransformerConfig
+from qsharp_jax.models.value import ValueModel
+from qsharp_jax.runs import RunConfig
+from qsharp_jax.train import init_state, make_optimizer, make_train_step
+from qsharp_jax.train import state_shardings as train_state_shardings
+
+# The keys of the last line ``qsharp plan`` prints (DESIGN.md §4), in order.
+SUMMARY_KEYS = ("ref_params_bytes_per_device", "value_state_bytes_per_device", "kv_cache_bytes_per_device",
+                "train_activation_bytes_per_device", "total_bytes_per_device")
+
+
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+    """What one rollout call and one train step hold: rows per rollout call ``rollout_rows``,
+    prompt tokens ``prompt_len``, response tokens ``new_tokens``, examples per train step
+    ``train_batch`` of ``train_len`` tokens."""
+
+    rollout_rows: int
+    prompt_len: int
+    new_tokens: int
+    train_batch: int
+    train_len: int
+
+
+def shapes_of(cfg: RunConfig, mesh: Mesh) -> Shapes:
+    """The run's largest shapes: a full rollout chunk (rounded up to the batch shards) of prompts as
+    long as the task allows, and train examples of prompt + response."""
+    algo = cfg.algorithm
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    rows = min(algo.rollout_batch, algo.prompts_per_iteration * algo.samples_per_prompt)
+    prompt_len = cfg.math.max_prompt_len if cfg.task == "math" else 16
+    return Shapes(rollout_rows=shards * math.ceil(rows / shards), prompt_len=prompt_len,
+                  new_tokens=algo.max_new_tokens, train_batch=shards * math.ceil(algo.batch_size / shards),
+                  train_len=prompt_len + algo.max_new_tokens)
+
+
+def _sharded(abstract: Any, shardings: Any) -> Any:
+    """Abstract arrays that carry their shardings (what ``lower`` reads the layout from)."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+
+
+def bytes_per_device(tree: Any) -> int:
+    """Bytes one device holds of a tree of sharded abstract arrays (the largest shard of each)."""
+    total = 0
+    for x in jax.tree.leaves(tree):
+        shard = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
+        total += math.prod(shard) * jnp.dtype(x.dtype).itemsize
+    return total
+
+
+def _abstract_module(cls: type, mesh: Mesh, *args, **kwargs) -> tuple[nnx.GraphDef, Any]:
+    graphdef, state = hf.abstract_model(cls, *args, **kwargs)
+    return graphdef, _sharded(state, sharding_lib.state_shardings(state, mesh))
+
+
+def kv_cache_bytes(model: TransformerConfig, rows: int, slots: int, dtype, mesh: Mesh) -> int:
+    """Per device: keys and values of every layer for ``rows`` sequences of ``slots`` positions
+    (rows over data × fsdp, KV heads over tensor where they divide)."""
+    rows_per = math.ceil(rows / (mesh.shape["data"] * mesh.shape["fsdp"]))
+    tensor = mesh.shape["tensor"]
+    heads_per = model.num_kv_heads // tensor if model.num_kv_heads % tensor == 0 else model.num_kv_heads
+    return 2 * model.num_layers * rows_per * heads_per * slots * model.head_dim * jnp.dtype(dtype).itemsize
+
+
+def _memory(compiled) -> dict[str, int]:
+    m = compiled.memory_analysis()
+    if m is None:  # a backend without the analysis
+        return {}
+    out = {"arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes,
+           "aliased": m.alias_size_in_bytes, "temporaries": m.temp_size_in_bytes}
+    out["peak"] = out["arguments"] + out["outputs"] - out["aliased"] + out["temporaries"]
+    return out
+
+
+def plan(cfg: RunConfig, *, compile: bool = True, report: Callable[[str], None] = print) -> dict[str, Any]:
+    """Lower (and ``compile``) the run's rollout and train step at full size on this process's
+    devices; returns the shapes, each program's memory analysis and the summary bytes per device
+    (:data:`SUMMARY_KEYS`). ``report`` receives a line per stage (progress on long compiles)."""
+    if cfg.algorithm.loss == "categorical_bellman":
+        raise ValueError("qsharp plan covers the Monte-Carlo value losses; categorical_bellman also runs π_ref "
+                         "inside the train step and is not planned yet")
+    mesh = sharding_lib.make_mesh(*(cfg.mesh or (-1, 1, 1)))
+    shapes = shapes_of(cfg, mesh)
+    algo = cfg.algorithm
+    ref_cfg, value_cfg = cfg.reference.transformer_config(), cfg.value.transformer_config()
+    ref_dtype, value_dtype = jnp.dtype(cfg.reference.dtype), jnp.dtype(cfg.value.dtype)
+    ref_graph, ref_state = _abstract_module(Transformer, mesh, ref_cfg, dtype=ref_dtype)
+    value_graph, value_state = _abstract_module(ValueModel, mesh, value_cfg, cfg.head, dtype=value_dtype)
+    report(f"mesh {dict(mesh.shape)} on {mesh.devices.size} {jax.devices()[0].platform} devices; {shapes}")
+
+    batch2 = sharding_lib.batch_sharding(mesh, 2)
+    batch1 = sharding_lib.batch_sharding(mesh, 1)
+    rows, p = shapes.rollout_rows, shapes.prompt_len
+    prompt_ids = jax.ShapeDtypeStruct((rows, p), jnp.int32, sharding=batch2)
+    prompt_mask = jax.ShapeDtypeStruct((rows, p), jnp.bool_, sharding=batch2)
+    switch = jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=batch1)
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    settings = dict(max_new_tokens=shapes.new_tokens, top_k=algo.top_k, temperature=algo.temperature,
+                    top_p=algo.top_p, eos_id=0, pad_id=0, guidance=algo.guidance, eta=algo.eta)
+
+    def collect(ref_state, value_state, ids, mask, key, switch):
+        return rollout.generate(nnx.merge(ref_graph, ref_state), ids, mask, key=key, switch_time=switch,
+                                value_model=nnx.merge(value_graph, value_state), **settings)
+
+    optimizer = make_optimizer(algo.optimizer)
+    abstract_state = jax.eval_shape(
+        lambda: init_state(ValueModel(value_cfg, cfg.head, dtype=value_dtype, rngs=nnx.Rngs(0)), optimizer,
+                           jax.random.key(0)))
+    train_state = _sharded(abstract_state, train_state_shardings(abstract_state, mesh))
+    step = make_train_step(lambda m, b: objectives.value_loss(m, b, kind=algo.loss), optimizer, mesh, abstract_state)
+    example = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+    b, t = shapes.train_batch, shapes.train_len
+    batch = {"tokens": jax.ShapeDtypeStruct((b, t), jnp.int32, sharding=example),
+             "attention_mask": jax.ShapeDtypeStruct((b, t), jnp.bool_, sharding=example),
+             "loss_mask": jax.ShapeDtypeStruct((b, t), jnp.bool_, sharding=example),
+             "rewards": jax.ShapeDtypeStruct((b,), jnp.float32, sharding=example)}
+
+    programs = {
+        "rollout": lambda: jax.jit(collect).lower(ref_state, value_state, prompt_ids, prompt_mask, key, switch),
+        "train_step": lambda: step.jitted.lower(train_state, batch, None, False),
+    }
+    memory: dict[str, dict[str, int]] = {}
+    for name, lower in programs.items():
+        report(f"lowering the {name}")
+        lowered = lower()
+        if compile:
+            report(f"compiling the {name}")
+            memory[name] = _memory(lowered.compile())
+            if memory[name]:
+                report(f"{name}: " + " ".join(f"{k}={_gib(v)}" for k, v in memory[name].items()))
+    slots = p + shapes.new_tokens
+    kv = kv_cache_bytes(ref_cfg, rows, slots, ref_dtype, mesh) + kv_cache_bytes(value_cfg, rows, slots,
+                                                                                 value_dtype, mesh)
+    summary = {"ref_params_bytes_per_device": bytes_per_device(ref_state),
+               "value_state_bytes_per_device": bytes_per_device(train_state),
+               "kv_cache_bytes_per_device": kv,
+               "train_activation_bytes_per_device": memory.get("train_step", {}).get("temporaries", 0)}
+    # resident: π_ref and the train state; at any time either a rollout (its temporaries hold the
+    # caches) or a train step runs on top
+    transient = max(memory.get("rollout", {}).get("temporaries", kv), summary["train_activation_bytes_per_device"])
+    summary["total_bytes_per_device"] = summary["ref_params_bytes_per_device"] + \
+        summary["value_state_bytes_per_device"] + transient
+    return {"mesh": dict(mesh.shape), "shapes": dataclasses.asdict(shapes), "memory": memory, "summary": summary}
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f}GiB"
+
+
+def summary_line(summary: dict[str, int]) -> str:
+    """The last line of ``qsharp plan``: ``key=bytes`` for :data:`SUMMARY_KEYS`."""
+    return " ".join(f"{k}={int(summary[k])}" for k in SUMMARY_KEYS)
+
+
+def check_fits(summary: dict[str, int], device_memory: float) -> None:
+    """Refuse a plan that does not fit ``device_memory`` bytes per device, with what to change."""
+    total = summary["total_bytes_per_device"]
+    if total > device_memory:
+        parts = ", ".join(f"{k.removesuffix('_bytes_per_device')} {_gib(summary[k])}" for k in SUMMARY_KEYS[:-1])
+        raise ValueError(f"the plan needs {_gib(total)} per device, more than device_memory={_gib(device_memory)} "
+                         f"({parts}); lower algorithm.rollout_batch or algorithm.batch_size, or shard further "
+                         "(mesh fsdp / tensor)")
+
+
+__all__ = ["SUMMARY_KEYS", "Shapes", "bytes_per_device", "check_fits", "kv_cache_bytes", "plan", "shapes_of",
+           "summary_line"]
