@@ -108,6 +108,23 @@ def _eval_math(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    import os
+
+    if args.cpu_devices:  # before JAX starts: N fake CPU devices stand in for a pod's accelerators
+        os.environ["JAX_PLATFORMS"] = "cpu"
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} " \
+                                  f"--xla_force_host_platform_device_count={args.cpu_devices}".strip()
+    from qsharp_jax import plan, runs
+
+    cfg = load_config(runs.RunConfig, args)
+    result = plan.plan(cfg, compile=not args.no_compile)
+    if args.device_memory:
+        plan.check_fits(result["summary"], args.device_memory * 2**30)
+    print(plan.summary_line(result["summary"]))
+    return 0
+
+
 def _plot(args: argparse.Namespace) -> int:
     from qsharp_jax import runs
 
@@ -134,6 +151,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     em.add_argument("overrides", nargs="*", help="EvalMathConfig key=value, e.g. test_file=data/math500.jsonl "
                                                  "samples=8 sweep=[0.05,0.1,0.2]")
     em.set_defaults(func=_eval_math)
+    pl = sub.add_parser("plan", help="dry run at full size without weights: lower and compile the rollout and the "
+                                     "train step, print memory per device")
+    add_config_arguments(pl, "RunConfig", "mesh=[-1,1,8] algorithm.rollout_batch=256")
+    pl.add_argument("--cpu-devices", type=int, default=0, help="fake this many CPU devices (a pod's count) when "
+                                                                "planning on a machine without accelerators")
+    pl.add_argument("--device-memory", type=float, default=0.0, help="GiB per device: fail if the plan needs more")
+    pl.add_argument("--no-compile", action="store_true", help="lower only (seconds; no memory analysis)")
+    pl.set_defaults(func=_plan)
     plot = sub.add_parser("plot", help="draw a run's learning curves to PNG")
     plot.add_argument("run_dir")
     plot.add_argument("--out", help="PNG path (default: RUN_DIR/learning_curves.png)")

@@ -60,16 +60,25 @@ def shapes_of(cfg: RunConfig, mesh: Mesh) -> Shapes:
 
 
 def _sharded(abstract: Any, shardings: Any) -> Any:
-    """Abstract arrays that carry their shardings (what ``lower`` reads the layout from)."""
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+    """Abstract arrays (bare, or inside NNX variables) that carry their shardings (what ``lower``
+    reads the layout from)."""
+    def one(x, s):
+        if isinstance(x, nnx.Variable):
+            value = x.get_value()
+            return x.replace(jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=s))
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+
+    return jax.tree.map(one, abstract, shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def bytes_per_device(tree: Any) -> int:
     """Bytes one device holds of a tree of sharded abstract arrays (the largest shard of each)."""
     total = 0
-    for x in jax.tree.leaves(tree):
+    for x in jax.tree.leaves(tree, is_leaf=lambda v: isinstance(v, nnx.Variable)):
+        x = x.get_value() if isinstance(x, nnx.Variable) else x
         shard = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
-        total += math.prod(shard) * jnp.dtype(x.dtype).itemsize
+        key = jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+        total += math.prod(shard) * (8 if key else jnp.dtype(x.dtype).itemsize)  # a threefry key: 2 × uint32
     return total
 
 
@@ -100,7 +109,14 @@ def _memory(compiled) -> dict[str, int]:
 def plan(cfg: RunConfig, *, compile: bool = True, report: Callable[[str], None] = print) -> dict[str, Any]:
     """Lower (and ``compile``) the run's rollout and train step at full size on this process's
     devices; returns the shapes, each program's memory analysis and the summary bytes per device
-    (:data:`SUMMARY_KEYS`). ``report`` receives a line per stage (progress on long compiles)."""
+    (:data:`SUMMARY_KEYS`). ``report`` receives a line per stage (progress on long compiles).
+
+    XLA:CPU runs a bfloat16 matmul by copying its weights to float32 (temporaries no GPU or TPU
+    allocates: 55 GiB of them for Llama 3 8B), so on CPU bfloat16 models are compiled in float32:
+    parameters are counted at their real dtype, and the rollout's temporaries are corrected from
+    float32 to real-dtype KV caches; the remaining float32 activations make the figures upper
+    bounds.
+    """
     if cfg.algorithm.loss == "categorical_bellman":
         raise ValueError("qsharp plan covers the Monte-Carlo value losses; categorical_bellman also runs π_ref "
                          "inside the train step and is not planned yet")
@@ -108,10 +124,22 @@ def plan(cfg: RunConfig, *, compile: bool = True, report: Callable[[str], None] 
     shapes = shapes_of(cfg, mesh)
     algo = cfg.algorithm
     ref_cfg, value_cfg = cfg.reference.transformer_config(), cfg.value.transformer_config()
-    ref_dtype, value_dtype = jnp.dtype(cfg.reference.dtype), jnp.dtype(cfg.value.dtype)
-    ref_graph, ref_state = _abstract_module(Transformer, mesh, ref_cfg, dtype=ref_dtype)
-    value_graph, value_state = _abstract_module(ValueModel, mesh, value_cfg, cfg.head, dtype=value_dtype)
-    report(f"mesh {dict(mesh.shape)} on {mesh.devices.size} {jax.devices()[0].platform} devices; {shapes}")
+    real = {"ref": jnp.dtype(cfg.reference.dtype), "value": jnp.dtype(cfg.value.dtype)}
+    on_cpu = jax.devices()[0].platform == "cpu"
+    compiled_as = {k: jnp.dtype(jnp.float32) if on_cpu else d for k, d in real.items()}
+    report(f"mesh {dict(mesh.shape)} on {mesh.devices.size} {jax.devices()[0].platform} devices; {shapes}"
+           + ("; compiled in float32 (XLA:CPU), counted at the real dtypes" if compiled_as != real else ""))
+    optimizer = make_optimizer(algo.optimizer)
+
+    def models(dtypes):
+        ref = _abstract_module(Transformer, mesh, ref_cfg, dtype=dtypes["ref"])
+        value = _abstract_module(ValueModel, mesh, value_cfg, cfg.head, dtype=dtypes["value"])
+        state = jax.eval_shape(lambda: init_state(
+            ValueModel(value_cfg, cfg.head, dtype=dtypes["value"], rngs=nnx.Rngs(0)), optimizer, jax.random.key(0)))
+        return ref, value, state
+
+    (ref_graph, ref_state), (value_graph, value_state), abstract_state = models(compiled_as)
+    train_state = _sharded(abstract_state, train_state_shardings(abstract_state, mesh))
 
     batch2 = sharding_lib.batch_sharding(mesh, 2)
     batch1 = sharding_lib.batch_sharding(mesh, 1)
@@ -127,11 +155,6 @@ def plan(cfg: RunConfig, *, compile: bool = True, report: Callable[[str], None] 
         return rollout.generate(nnx.merge(ref_graph, ref_state), ids, mask, key=key, switch_time=switch,
                                 value_model=nnx.merge(value_graph, value_state), **settings)
 
-    optimizer = make_optimizer(algo.optimizer)
-    abstract_state = jax.eval_shape(
-        lambda: init_state(ValueModel(value_cfg, cfg.head, dtype=value_dtype, rngs=nnx.Rngs(0)), optimizer,
-                           jax.random.key(0)))
-    train_state = _sharded(abstract_state, train_state_shardings(abstract_state, mesh))
     step = make_train_step(lambda m, b: objectives.value_loss(m, b, kind=algo.loss), optimizer, mesh, abstract_state)
     example = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
     b, t = shapes.train_batch, shapes.train_len
@@ -152,20 +175,29 @@ def plan(cfg: RunConfig, *, compile: bool = True, report: Callable[[str], None] 
             report(f"compiling the {name}")
             memory[name] = _memory(lowered.compile())
             if memory[name]:
-                report(f"{name}: " + " ".join(f"{k}={_gib(v)}" for k, v in memory[name].items()))
+                report(f"{name} (as compiled): " + " ".join(f"{k}={_gib(v)}" for k, v in memory[name].items()))
+
     slots = p + shapes.new_tokens
-    kv = kv_cache_bytes(ref_cfg, rows, slots, ref_dtype, mesh) + kv_cache_bytes(value_cfg, rows, slots,
-                                                                                 value_dtype, mesh)
-    summary = {"ref_params_bytes_per_device": bytes_per_device(ref_state),
-               "value_state_bytes_per_device": bytes_per_device(train_state),
-               "kv_cache_bytes_per_device": kv,
+
+    def kv(dtypes):
+        return kv_cache_bytes(ref_cfg, rows, slots, dtypes["ref"], mesh) + \
+            kv_cache_bytes(value_cfg, rows, slots, dtypes["value"], mesh)
+
+    (_, real_ref), _, real_state = models(real)
+    real_state = _sharded(real_state, train_state_shardings(real_state, mesh))
+    rollout_temp = memory.get("rollout", {}).get("temporaries")
+    rollout_temp = kv(real) if rollout_temp is None else rollout_temp - kv(compiled_as) + kv(real)
+    summary = {"ref_params_bytes_per_device": bytes_per_device(real_ref),
+               "value_state_bytes_per_device": bytes_per_device(real_state),
+               "kv_cache_bytes_per_device": kv(real),
                "train_activation_bytes_per_device": memory.get("train_step", {}).get("temporaries", 0)}
-    # resident: π_ref and the train state; at any time either a rollout (its temporaries hold the
-    # caches) or a train step runs on top
-    transient = max(memory.get("rollout", {}).get("temporaries", kv), summary["train_activation_bytes_per_device"])
+    # resident: π_ref and the train state; on top, either a rollout (its temporaries hold the
+    # caches) or a train step runs at a time
     summary["total_bytes_per_device"] = summary["ref_params_bytes_per_device"] + \
-        summary["value_state_bytes_per_device"] + transient
-    return {"mesh": dict(mesh.shape), "shapes": dataclasses.asdict(shapes), "memory": memory, "summary": summary}
+        summary["value_state_bytes_per_device"] + max(rollout_temp, summary["train_activation_bytes_per_device"])
+    report("per device: " + ", ".join(f"{k.removesuffix('_bytes_per_device')} {_gib(v)}" for k, v in summary.items()))
+    return {"mesh": dict(mesh.shape), "shapes": dataclasses.asdict(shapes), "memory": memory,
+            "rollout_temporaries": rollout_temp, "summary": summary}
 
 
 def _gib(n: int) -> str:

@@ -262,11 +262,14 @@ def _generate(ref_graph, ref_state, value_graph, value_state, prompt_ids, prompt
     n = spec.max_new_tokens
     v_type = value is not None and not spec.q_type
 
-    ref_logits, ref_cache = ref.extend(prompt_ids, ref.init_cache(batch, spec.cache_len), prompt_mask)
-    ref_logits = ref_logits[:, -1]
+    # prefill; the heads only at the last prompt position (π_ref's logits at every position of a
+    # 512-token prompt are [B, 512, 128k] floats: gigabytes per device at LLM shapes)
+    ref_hidden, ref_cache = ref.extend_hidden(prompt_ids, ref.init_cache(batch, spec.cache_len), prompt_mask)
+    ref_logits = ref.logits(ref_hidden[:, -1])
     if value is not None:
-        value_out, value_cache = value.extend(prompt_ids, value.init_cache(batch, spec.cache_len), prompt_mask)
-        value_out = value_out[:, -1]  # Q-type: [B, V, ...]; unused for V-type
+        value_hidden, value_cache = value.backbone.extend_hidden(prompt_ids, value.init_cache(batch, spec.cache_len),
+                                                                 prompt_mask)
+        value_out = value.head(value_hidden[:, -1])  # Q-type: [B, V, ...]; unused for V-type
     else:
         value_cache, value_out = None, None
 

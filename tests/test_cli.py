@@ -77,3 +77,13 @@ def test_train_and_plot_commands(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["plot", str(tmp_path / "nothing")])
     assert "not found" in capsys.readouterr().err
+
+
+def test_a_config_saved_before_a_field_existed_resumes_with_its_default():
+    saved = {"algorithm": {"eta": 0.1}}  # written before algorithm.top_p existed
+    defaults = {"algorithm": {"eta": 0.1, "top_p": 1.0}}
+    assert config.differences(saved, {"algorithm": {"eta": 0.1, "top_p": 1.0}}, defaults=defaults) == []
+    assert config.differences(saved, {"algorithm": {"eta": 0.1, "top_p": 0.9}}, defaults=defaults) == [
+        "algorithm.top_p (saved 1.0, now 0.9)"]
+    assert config.differences(saved, {"algorithm": {"eta": 0.1, "top_p": 1.0}}) == [
+        "algorithm.top_p (saved None, now 1.0)"]

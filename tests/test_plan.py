@@ -1,0 +1,43 @@
+"""`qsharp plan`: a full-size recipe (Llama 3 8B + Llama 3.2 1B) lowered and compiled on the 8 fake
+CPU devices from abstract parameters, with no weights anywhere. The parameter bytes are checked
+against the published parameter counts of the two checkpoints."""
+
+import re
+
+import pytest
+
+from qsharp_jax import cli, plan
+from qsharp_jax.models.presets import PRESETS, check_matches
+
+RECIPE = "experiments/math/llama3_8b_gsm8k.yaml"
+LLAMA3_8B_PARAMS = 8_030_261_248  # Meta-Llama-3-8B
+LLAMA32_1B_PARAMS = 1_235_814_400  # Llama-3.2-1B (tied embeddings)
+
+
+def test_recipe_dry_run_prints_memory_per_device(capsys):
+    assert cli.main(["plan", RECIPE]) == 0
+    out = capsys.readouterr().out
+    last = out.strip().splitlines()[-1]
+    assert re.fullmatch(" ".join(f"{k}=\\d+" for k in plan.SUMMARY_KEYS), last), last
+    summary = {k: int(v) for k, v in (item.split("=") for item in last.split())}
+    # data-parallel mesh [8, 1, 1]: every device holds all of π_ref in bfloat16
+    assert summary["ref_params_bytes_per_device"] == 2 * LLAMA3_8B_PARAMS
+    # the value model's bfloat16 parameters and AdamW's two moments, plus the 11-atom head (2048 x 11 + 11)
+    head = 2048 * 11 + 11
+    assert summary["value_state_bytes_per_device"] == 6 * (LLAMA32_1B_PARAMS + head) + 4 + 8 + 2 * 4  # + step,
+    # PRNG key, and the step counts of Adam and of the learning-rate schedule
+    # keys and values: 512 rows / 8 devices, 512 + 1024 slots, π_ref 32 layers x 8 KV heads x 128, the value model 16 x 8 x 64
+    assert summary["kv_cache_bytes_per_device"] == 2 * 2 * 64 * 1536 * (32 * 8 * 128 + 16 * 8 * 64)
+    assert summary["train_activation_bytes_per_device"] > 0
+    assert summary["total_bytes_per_device"] > sum(summary[k] for k in plan.SUMMARY_KEYS[:2])
+    assert "rollout (as compiled): arguments=" in out and "train_step (as compiled): arguments=" in out
+    with pytest.raises(ValueError, match=r"needs [\d.]+GiB per device, more than device_memory=1.00GiB"):
+        plan.check_fits(summary, 2**30)
+
+
+def test_presets_are_checked_against_a_checkpoints_config():
+    hf = dict(PRESETS["llama-3.2-1b"])
+    check_matches("llama-3.2-1b", hf, "ckpt")
+    with pytest.raises(ValueError, match=r"ckpt/config.json is not a llama-3-8b checkpoint: hidden_size \(preset 4096, "
+                                         r"checkpoint 2048\)"):
+        check_matches("llama-3-8b", hf, "ckpt")
