@@ -125,6 +125,14 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prepare_gsm8k(args: argparse.Namespace) -> int:
+    from qsharp_jax.tasks.math_data import prepare_gsm8k
+
+    print(f"prepared: {prepare_gsm8k(args.data_dir, args.train, args.test)} (train_file: tfds:gsm8k/train, "
+          f"math.tfds_data_dir: {args.data_dir})")
+    return 0
+
+
 def _plot(args: argparse.Namespace) -> int:
     from qsharp_jax import runs
 
@@ -159,6 +167,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     pl.add_argument("--device-memory", type=float, default=0.0, help="GiB per device: fail if the plan needs more")
     pl.add_argument("--no-compile", action="store_true", help="lower only (seconds; no memory analysis)")
     pl.set_defaults(func=_plan)
+    gsm = sub.add_parser("prepare-gsm8k", help="prepare tensorflow-datasets' gsm8k from GSM8K's own JSONL files")
+    gsm.add_argument("--train", required=True, help="GSM8K's train.jsonl")
+    gsm.add_argument("--test", required=True, help="GSM8K's test.jsonl")
+    gsm.add_argument("--data-dir", required=True, help="the tensorflow-datasets data directory to write")
+    gsm.set_defaults(func=_prepare_gsm8k)
     plot = sub.add_parser("plot", help="draw a run's learning curves to PNG")
     plot.add_argument("run_dir")
     plot.add_argument("--out", help="PNG path (default: RUN_DIR/learning_curves.png)")

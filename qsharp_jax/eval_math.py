@@ -30,7 +30,7 @@ import numpy as np
 from qsharp_jax import algorithm, rollout, runs
 from qsharp_jax import config as config_lib
 from qsharp_jax.storage import atomic_write
-from qsharp_jax.tasks.math_data import Problem, encode_prompts, load_problems
+from qsharp_jax.tasks.math_data import Problem, encode_prompts, load_source
 from qsharp_jax.tasks.math_eval import Samples, breakdown, per_problem, summarize, table
 from qsharp_jax.tasks.math_task import MathTask
 
@@ -93,7 +93,7 @@ def _problems(cfg: EvalMathConfig, run_cfg: runs.RunConfig, task: MathTask):
         problems = task.evaluation
         ids, mask = task.eval_prompts()
     else:
-        loaded = load_problems(cfg.test_file)
+        loaded = load_source(cfg.test_file, run_cfg.math.tfds_data_dir)
         ids, mask, kept = encode_prompts(task.tokenizer, loaded, run_cfg.math.max_prompt_len, task.pad_id)
         problems = [loaded[i] for i in kept]
     if cfg.max_problems:
@@ -131,18 +131,26 @@ def _load(cfg: EvalMathConfig):
     return run_cfg, run_dir, task, ref, state
 
 
-def sample_method(cfg: EvalMathConfig, run_cfg: runs.RunConfig, task: MathTask, ref, state, method: str, eta: float,
-                  ids: np.ndarray, mask: np.ndarray, golds: list[str], *, progress: bool = True
-                  ) -> tuple[Samples, np.ndarray]:
-    """``cfg.samples`` completions per problem of one method: their answers, correctness and the
-    guidance's KL (:class:`Samples`), and the sampled policy's KL float ``[problems, samples]``."""
-    algo = run_cfg.algorithm
-    k = cfg.samples
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How every method is sampled: ``samples`` per problem, decoding ``settings`` (of
+    :func:`rollout.generate`: max_new_tokens, top_k, temperature, top_p, eos_id, pad_id), rows per
+    decoding call ``batch``, and the ``seed`` of the keys and of maj@k's tie-breaks."""
+
+    samples: int
+    settings: dict[str, Any]
+    batch: int
+    seed: int = 0
+
+
+def sample_method(task: MathTask, ref, value_model, method: str, eta: float, ids: np.ndarray, mask: np.ndarray,
+                  golds: list[str], sampling: Sampling, *, progress: bool = True) -> tuple[Samples, np.ndarray]:
+    """``sampling.samples`` completions per problem of one method (``value_model`` None for
+    ``pretrained``): their answers, correctness and the guidance's KL (:class:`Samples`), and the
+    sampled policy's KL float ``[problems, samples]``."""
+    k = sampling.samples
     prompts, prompt_mask = np.repeat(ids, k, axis=0), np.repeat(mask, k, axis=0)
-    guided = {} if method == "pretrained" else dict(value_model=state.model(), guidance=method, eta=eta)
-    settings = dict(max_new_tokens=cfg.max_new_tokens or algo.max_new_tokens, top_k=algo.top_k,
-                    temperature=cfg.temperature or algo.temperature, top_p=cfg.top_p or algo.top_p,
-                    eos_id=task.eos_id, pad_id=task.pad_id)
+    guided = {} if method == "pretrained" else dict(value_model=value_model, guidance=method, eta=eta)
     repeated = [g for g in golds for _ in range(k)]
 
     def score(rows, out):  # beside the next chunk's decoding: (correct, answer) per row
@@ -152,9 +160,9 @@ def sample_method(cfg: EvalMathConfig, run_cfg: runs.RunConfig, task: MathTask, 
         return pairs
 
     out, scored = rollout.generate_chunked(
-        ref, prompts, prompt_mask, key=jax.random.key(cfg.seed), batch=cfg.batch or algo.rollout_batch,
+        ref, prompts, prompt_mask, key=jax.random.key(sampling.seed), batch=sampling.batch,
         name=f"{LABELS[method]} η={eta:g}" if guided else LABELS[method], score=score, progress=progress,
-        **settings, **guided)
+        **sampling.settings, **guided)
     n = len(golds)
     samples = Samples(answers=[[a for _, a in scored[i * k:(i + 1) * k]] for i in range(n)],
                       correct=np.array([c for c, _ in scored], bool).reshape(n, k),
@@ -162,21 +170,53 @@ def sample_method(cfg: EvalMathConfig, run_cfg: runs.RunConfig, task: MathTask, 
     return samples, np.asarray(out.kl, np.float64).reshape(n, k)
 
 
-def _report(samples: Samples, policy_kl: np.ndarray, problems: list[Problem], k: int, cfg: EvalMathConfig,
-            timeouts: int) -> dict[str, Any]:
-    values = per_problem(samples, [p.answer for p in problems], k, seed=cfg.seed)
-    values = {("maj1@%d" % k if name == "maj1@k" else name): v for name, v in values.items()}
-    stats = summarize(values, resamples=cfg.resamples, seed=cfg.seed)
-    report: dict[str, Any] = {name: s["mean"] for name, s in stats.items()}
-    report["ci95"] = {name: [s["lo"], s["hi"]] for name, s in stats.items()}
-    report["policy_kl"] = float(policy_kl.mean())
-    report["no_answer"] = float(np.mean([[a is None for a in row] for row in samples.answers]))
-    report["verifier_timeouts"] = timeouts
+def report(samples: Samples, policy_kl: np.ndarray, problems: list[Problem], *, seed: int = 0, resamples: int = 2000,
+           timeouts: int = 0) -> dict[str, Any]:
+    """One method's metrics (pass@1, maj1@k, KL, with 95% bootstrap intervals), share of samples
+    with no answer, verifier time-outs, and means per level / subject where the problems have them."""
+    k = np.shape(samples.correct)[1]
+    values = per_problem(samples, [p.answer for p in problems], k, seed=seed)
+    values = {(f"maj1@{k}" if name == "maj1@k" else name): v for name, v in values.items()}
+    stats = summarize(values, resamples=resamples, seed=seed)
+    out: dict[str, Any] = {name: s["mean"] for name, s in stats.items()}
+    out["ci95"] = {name: [s["lo"], s["hi"]] for name, s in stats.items()}
+    out["policy_kl"] = float(policy_kl.mean())
+    out["no_answer"] = float(np.mean([[a is None for a in row] for row in samples.answers]))
+    out["verifier_timeouts"] = timeouts
     for attribute in ("level", "subject"):
         groups = [getattr(p, attribute) for p in problems]
         if any(g is not None for g in groups):
-            report[f"by_{attribute}"] = breakdown(values, groups)
-    return report
+            out[f"by_{attribute}"] = breakdown(values, groups)
+    return out
+
+
+def evaluate_methods(task: MathTask, ref, value_model, problems: list[Problem], ids: np.ndarray, mask: np.ndarray,
+                     sampling: Sampling, *, methods: tuple[str, ...], eta: float, sweep: tuple[float, ...] = (),
+                     sweep_sampling: Sampling | None = None, resamples: int = 2000, progress: bool = True
+                     ) -> tuple[dict[str, Any], dict[str, Samples]]:
+    """Every method's :func:`report` at η, and pass@1 / KL of the guided ones at each η of
+    ``sweep`` (sampled with ``sweep_sampling``, default ``sampling``): ``({"methods", "sweep"},
+    {method: Samples})``."""
+    golds = [p.answer for p in problems]
+    results: dict[str, Any] = {"methods": {}, "sweep": []}
+    all_samples = {}
+    for method in methods:
+        before = task.timeouts
+        all_samples[method], policy_kl = sample_method(task, ref, value_model, method, eta, ids, mask, golds, sampling,
+                                                       progress=progress)
+        results["methods"][method] = report(all_samples[method], policy_kl, problems, seed=sampling.seed,
+                                            resamples=resamples, timeouts=task.timeouts - before)
+    sweep_sampling = sweep_sampling or sampling
+    for sweep_eta in sweep:
+        for method in (m for m in methods if m != "pretrained"):
+            if sweep_eta == eta and sweep_sampling == sampling:
+                s = all_samples[method]
+            else:
+                s = sample_method(task, ref, value_model, method, sweep_eta, ids, mask, golds, sweep_sampling,
+                                  progress=progress)[0]
+            results["sweep"].append({"eta": sweep_eta, "method": method, "pass@1": float(np.mean(s.correct)),
+                                     "kl": float(np.mean(s.kl))})
+    return results, all_samples
 
 
 def evaluate_math(cfg: EvalMathConfig, *, progress: bool = True) -> dict[str, Any]:
@@ -187,29 +227,22 @@ def evaluate_math(cfg: EvalMathConfig, *, progress: bool = True) -> dict[str, An
         out_dir = Path(cfg.out) if cfg.out else run_dir / "eval"
         out_dir.mkdir(parents=True, exist_ok=True)
         ids, mask, problems = _problems(cfg, run_cfg, task)
-        golds = [p.answer for p in problems]
-        eta = cfg.eta or run_cfg.algorithm.eta
-        k = cfg.samples
+        algo = run_cfg.algorithm
+        eta = cfg.eta or algo.eta
+        sampling = Sampling(samples=cfg.samples, batch=cfg.batch or algo.rollout_batch, seed=cfg.seed, settings=dict(
+            max_new_tokens=cfg.max_new_tokens or algo.max_new_tokens, top_k=algo.top_k,
+            temperature=cfg.temperature or algo.temperature, top_p=cfg.top_p or algo.top_p, eos_id=task.eos_id,
+            pad_id=task.pad_id))
         results: dict[str, Any] = {
             "run": str(run_dir), "test_file": cfg.test_file or "(the run's evaluation problems)",
-            "problems": len(problems), "samples": k, "eta": eta, "seed": cfg.seed,
-            "temperature": cfg.temperature or run_cfg.algorithm.temperature,
-            "top_p": cfg.top_p or run_cfg.algorithm.top_p,
-            "max_new_tokens": cfg.max_new_tokens or run_cfg.algorithm.max_new_tokens, "methods": {}, "sweep": []}
-        all_samples = {}
-        for method in cfg.methods:
-            before = task.timeouts
-            all_samples[method], policy_kl = sample_method(cfg, run_cfg, task, ref, state, method, eta, ids, mask,
-                                                           golds, progress=progress)
-            results["methods"][method] = _report(all_samples[method], policy_kl, problems, k, cfg,
-                                                 task.timeouts - before)
-        for sweep_eta in cfg.sweep:
-            for method in (m for m in cfg.methods if m != "pretrained"):
-                s = all_samples[method] if sweep_eta == eta else sample_method(
-                    cfg, run_cfg, task, ref, state, method, sweep_eta, ids, mask, golds, progress=progress)[0]
-                results["sweep"].append({"eta": sweep_eta, "method": method, "pass@1": float(np.mean(s.correct)),
-                                         "kl": float(np.mean(s.kl))})
-        _write(out_dir, results, all_samples, problems, k)
+            "problems": len(problems), "samples": cfg.samples, "eta": eta, "seed": cfg.seed,
+            "temperature": sampling.settings["temperature"], "top_p": sampling.settings["top_p"],
+            "max_new_tokens": sampling.settings["max_new_tokens"]}
+        evaluated, all_samples = evaluate_methods(
+            task, ref, None if state is None else state.model(), problems, ids, mask, sampling, methods=cfg.methods,
+            eta=eta, sweep=cfg.sweep, resamples=cfg.resamples, progress=progress)
+        results.update(evaluated)
+        write(out_dir, results, all_samples, problems)
         return results
     finally:
         runs.close_task(task)
@@ -229,7 +262,8 @@ def markdown(results: dict[str, Any]) -> str:
         if not methods:
             continue
         groups = results["methods"][methods[0]][f"by_{attribute}"]
-        text += (f"\npass@1 (%) by {attribute}\n\n| {attribute} | problems | "
+        title = results.get(f"{attribute}_name", attribute)  # what the level stands for (the demo: carries)
+        text += (f"\npass@1 (%) by {title}\n\n| {title} | problems | "
                  + " | ".join(LABELS[m] for m in methods) + " |\n|---|---|" + "---|" * len(methods) + "\n")
         for g, row in groups.items():
             text += f"| {g} | {row['problems']} | " + " | ".join(
@@ -241,10 +275,11 @@ def markdown(results: dict[str, Any]) -> str:
     return text
 
 
-def _write(out_dir: Path, results: dict[str, Any], all_samples: dict[str, Samples], problems: list[Problem],
-           k: int) -> None:
-    atomic_write(out_dir / "eval.json", lambda f: f.write(json.dumps(results, indent=1, allow_nan=False).encode()))
-    atomic_write(out_dir / "eval.md", lambda f: f.write(markdown(results).encode()))
+def write(out_dir: Path, results: dict[str, Any], all_samples: dict[str, Samples], problems: list[Problem],
+          name: str = "eval") -> None:
+    """``<name>.json``, ``<name>.md``, ``samples.jsonl`` (and ``kl_sweep.png``) into ``out_dir``."""
+    atomic_write(out_dir / f"{name}.json", lambda f: f.write(json.dumps(results, indent=1, allow_nan=False).encode()))
+    atomic_write(out_dir / f"{name}.md", lambda f: f.write(markdown(results).encode()))
     lines = []
     for i, p in enumerate(problems):
         lines.append(json.dumps({"id": p.id, "problem": p.problem, "gold": p.answer, **{

@@ -22,6 +22,7 @@ time, the value model is no longer run. Everything is deterministic given ``key`
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 from typing import Any, Callable, Literal
@@ -267,9 +268,9 @@ def _generate(ref_graph, ref_state, value_graph, value_state, prompt_ids, prompt
     ref_hidden, ref_cache = ref.extend_hidden(prompt_ids, ref.init_cache(batch, spec.cache_len), prompt_mask)
     ref_logits = ref.logits(ref_hidden[:, -1])
     if value is not None:
-        value_hidden, value_cache = value.backbone.extend_hidden(prompt_ids, value.init_cache(batch, spec.cache_len),
-                                                                 prompt_mask)
-        value_out = value.head(value_hidden[:, -1])  # Q-type: [B, V, ...]; unused for V-type
+        value_out, value_cache = value.extend(prompt_ids, value.init_cache(batch, spec.cache_len), prompt_mask,
+                                              last_only=True)
+        value_out = value_out[:, 0]  # Q-type: [B, V, ...]; unused for V-type
     else:
         value_cache, value_out = None, None
 
@@ -395,16 +396,19 @@ def generate_chunked(
     outs: list[Rollout] = []
     scores: list[concurrent.futures.Future] = []
 
+    bar = tqdm(total=len(starts), desc=name, disable=not progress, unit="chunk")
+
     def finish(start: int, rows: np.ndarray, out: Rollout, pool) -> None:
         host = jax.tree.map(lambda x: np.asarray(x)[: len(rows)], out)
         outs.append(host)
         if score is not None:
             scores.append(pool.submit(score, rows, host))
+        bar.update(1)  # a chunk is done when its tokens are on the host, not when it is dispatched
         failpoints.reach(f"{name}/{start}")
 
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool, contextlib.closing(bar):
         pending = None
-        for start in tqdm(starts, desc=name, disable=not progress, unit="chunk"):
+        for start in starts:
             rows = np.minimum(np.arange(start, start + batch), n - 1) if n > batch else np.arange(n)
             chunk = {k: (np.asarray(v)[rows] if k == "switch_time" and v is not None else v) for k, v in kwargs.items()}
             out = generate(ref_model, prompt_ids[rows], prompt_mask[rows], key=key, row_ids=rows, **chunk)

@@ -3,7 +3,6 @@ deterministic splits, and the paper's prompt through a chat template (left padde
 
 import json
 
-import numpy as np
 import pytest
 
 from qsharp_jax.tasks.math_data import PROMPT, Problem, chat_prompt, encode_prompts, load_problems, split_problems
@@ -85,3 +84,41 @@ def test_chat_prompt_left_padded_and_never_cut():
         encode_prompts(tok, problems, max_prompt_len=20, too_long="error")
     with pytest.raises(ValueError, match="has no chat template; use an Instruct model's tokenizer"):
         chat_prompt(tiny_chat_tokenizer(template=False), "one")
+
+
+def test_math_release_directory(tmp_path):
+    """MATH's own release: one JSON file per problem under train/<subject>/ (subject in "type")."""
+    (tmp_path / "algebra").mkdir()
+    (tmp_path / "geometry").mkdir()
+    (tmp_path / "algebra" / "1.json").write_text(json.dumps(
+        {"problem": "Solve $x+1=3$.", "level": "Level 1", "type": "Algebra", "solution": "So $x=\\boxed{2}$."}))
+    (tmp_path / "geometry" / "7.json").write_text(json.dumps(
+        {"problem": "Area?", "level": "Level 5", "type": "Geometry", "solution": "$\\boxed{\\frac{9}{2}}$"}))
+    problems = load_problems(tmp_path)
+    assert [(p.answer, p.subject, p.level) for p in problems] == [("2", "Algebra", "Level 1"),
+                                                                  ("\\frac{9}{2}", "Geometry", "Level 5")]
+    (tmp_path / "geometry" / "8.json").write_text('{"problem": "no answer", "solution": "none"}')
+    with pytest.raises(ValueError, match=r"geometry/8.json: no gold answer"):
+        load_problems(tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no \\*.json files"):
+        load_problems(tmp_path / "empty")
+
+
+def test_gsm8k_through_tensorflow_datasets_from_local_files(tmp_path):
+    """tfds' gsm8k prepared from GSM8K's own JSONL (no download), read back without TensorFlow."""
+    from qsharp_jax.tasks.math_data import load_source, prepare_gsm8k
+
+    train = [{"question": "Tom has 3 apples and buys 4. How many?", "answer": "3 + 4 = <<3+4=7>>7\n#### 7"},
+             {"question": "Write seventy thousand.", "answer": "It is 70,000\n#### 70,000"}]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
+    (tmp_path / "test.jsonl").write_text(json.dumps(train[0]) + "\n")
+    prepare_gsm8k(tmp_path / "tfds", tmp_path / "train.jsonl", tmp_path / "test.jsonl")
+    problems = load_source("tfds:gsm8k/train", tmp_path / "tfds")
+    assert sorted((p.problem, p.answer) for p in problems) == sorted(
+        (r["question"], r["answer"].rsplit("#### ", 1)[1]) for r in train)
+    assert [p.answer for p in load_source("tfds:gsm8k/test", tmp_path / "tfds")] == ["7"]
+    with pytest.raises(ValueError, match="cannot be read from .* prepare it first"):
+        load_source("tfds:gsm8k/train", tmp_path / "elsewhere")
+    with pytest.raises(ValueError, match="needs math.tfds_data_dir"):
+        load_source("tfds:gsm8k/train")

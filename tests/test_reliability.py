@@ -110,7 +110,7 @@ def test_one_writer_per_run_directory(tmp_path):
              f"run_dir={tmp_path}", *TINY], cwd=ROOT, capture_output=True, text=True,
             env={**os.environ, "PYTHONPATH": str(ROOT)})
         assert second.returncode == 2 and "Traceback" not in second.stderr
-        assert f"is in use by another qsharp process (host " in second.stderr and f"pid {os.getpid()}" in \
+        assert "is in use by another qsharp process (host " in second.stderr and f"pid {os.getpid()}" in \
             second.stderr
         assert not (tmp_path / "config.json").exists()  # nothing was written
         algo, task, ref, value = build()  # the Python API takes the same lock

@@ -32,32 +32,23 @@ import numpy as np
 from tqdm import tqdm
 
 from experiments.star_graph.warmup import ValuePretrainConfig, pretrain_value
-from qsharp_jax import algorithm, objectives, rollout, train
+from qsharp_jax import algorithm, objectives, rollout
 from qsharp_jax import config as config_lib
 from qsharp_jax.baselines import dpo, reinforce
-from qsharp_jax.checkpoint import Checkpoints
 from qsharp_jax.models.build import ModelSpec, build_reference, build_value
 from qsharp_jax.models.transformer import Transformer
 from qsharp_jax.models.value import HeadConfig, value_from_reference
 from qsharp_jax.storage import atomic_write
 from qsharp_jax.tasks import star_graph as sg
-from qsharp_jax.train import OptimizerConfig
+from qsharp_jax.sft import SFTConfig, train_sft
 
 METHODS = ("pretrained", "qsharp", "cd", "reinforce", "dpo", "rpo")
 LABELS = {"pretrained": "π_ref (pretrained)", "qsharp": "Q♯", "cd": "CD", "reinforce": "REINFORCE", "dpo": "DPO",
           "rpo": "RPO"}
 
 
-@dataclasses.dataclass(frozen=True)
-class PretrainConfig:
-    """π_ref: next-token prediction with teacher forcing on the answers.
-
-    Fields: epochs over the training graphs; batch_size graphs per step; optimizer.
-    """
-
-    epochs: int = 10
-    batch_size: int = 256
-    optimizer: OptimizerConfig = OptimizerConfig(learning_rate=1e-3, weight_decay=0.1, warmup_steps=100)
+# π_ref's next-token training on the answers (the library's SFT)
+PretrainConfig = SFTConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,29 +187,16 @@ def evaluate(
 
 
 def pretrain_reference(cfg: StarGraphConfig, train_split: sg.Split, progress: bool = True) -> Transformer:
-    """π_ref by next-token prediction on the train answers; checkpointed in ``run_dir/reference``."""
-    model = build_reference(cfg.reference)
-    optimizer = train.make_optimizer(cfg.pretrain.optimizer)
-    state = train.init_state(model, optimizer, jax.random.key(cfg.seed))
-    # π_ref depends on its data too: a checkpoint trained on other graphs is refused, not reused
-    meta_config = config_lib.as_json(dataclasses.asdict(cfg.pretrain) | {
-        "reference": dataclasses.asdict(cfg.reference), "graph": dataclasses.asdict(cfg.graph),
-        "train_graphs": cfg.train_graphs, "seed": cfg.seed})
-    checkpoints = Checkpoints(Path(cfg.run_dir) / "reference", keep=1)
-    restored = checkpoints.restore(state, meta_config)
-    if restored is not None:
-        return restored[0].model()
-    if cfg.reference.hf_path is None or cfg.pretrain.epochs:
-        answers = train_split.answers
-        state, _ = train.fit(
-            state, train.make_train_epoch(objectives.next_token_loss, optimizer),
-            objectives.policy_batch(train_split.prompts, np.ones(train_split.prompts.shape, bool), answers,
-                                    np.ones(answers.shape, bool)), epochs=cfg.pretrain.epochs,
-            batch_size=cfg.pretrain.batch_size, rng=np.random.default_rng([cfg.seed, 1]), desc="pretrain π_ref",
-            progress=progress,
-        )
-    checkpoints.save(0, state, {"config": meta_config})
-    return state.model()
+    """π_ref by next-token prediction on the train answers; checkpointed in ``run_dir/reference``
+    (a checkpoint trained on other graphs is refused, not reused)."""
+    if cfg.reference.hf_path is not None and not cfg.pretrain.epochs:
+        return build_reference(cfg.reference)
+    answers = train_split.answers
+    meta = {"reference": dataclasses.asdict(cfg.reference), "graph": dataclasses.asdict(cfg.graph),
+            "train_graphs": cfg.train_graphs}
+    return train_sft(cfg.pretrain, build_reference(cfg.reference), train_split.prompts,
+                     np.ones(train_split.prompts.shape, bool), answers, np.ones(answers.shape, bool), seed=cfg.seed,
+                     directory=Path(cfg.run_dir) / "reference", meta=meta, desc="pretrain π_ref", progress=progress)
 
 
 # --------------------------------------------------------------------------- the experiment

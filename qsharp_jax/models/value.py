@@ -129,11 +129,13 @@ class ValueModel(nnx.Module):
         return self.backbone.init_cache(batch, max_len)
 
     def extend(
-        self, input_ids: jax.Array, cache: KVCache, attention_mask: jax.Array | None = None
+        self, input_ids: jax.Array, cache: KVCache, attention_mask: jax.Array | None = None, *, last_only: bool = False
     ) -> tuple[jax.Array, KVCache]:
-        """Append tokens to the cache; return their value outputs and the new cache."""
+        """Append tokens ``[B, T]`` to the cache; return their value outputs ``[B, T, ...]`` (with
+        ``last_only``: the last position's only, ``[B, 1, ...]`` — a Q-type head over a whole
+        prompt is ``[B, T, V, K]``) and the new cache."""
         hidden, cache = self.backbone.extend_hidden(input_ids, cache, attention_mask)
-        return self.head(hidden), cache
+        return self.head(hidden[:, -1:] if last_only else hidden), cache
 
     def score_candidates(self, candidate_ids: jax.Array, cache: KVCache, *, return_kv: bool = False):
         """V-type: values of k candidate next tokens ``[B, k]`` -> ``[B, k, K]`` (or ``[B, k]``).

@@ -82,9 +82,14 @@ def answers_match(pred: str | None, gold: str, *, timeout: float = VERIFY_TIMEOU
 
 
 def _verify(pred: str, gold: str) -> bool:
+    import logging
+
     from math_verify import parse, verify
 
     # their own time-outs use signal.alarm, which only works in the main thread: ours bounds both
+    # (so their warning that none is set, logged on every call, says nothing here)
+    for name in ("math_verify.parser", "math_verify.grader"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     return verify(parse(f"${gold}$", parsing_timeout=None), parse(f"${pred}$", parsing_timeout=None),
                   timeout_seconds=None)
 

@@ -41,9 +41,22 @@ class Problem:
 
 
 def load_problems(path: str | Path) -> list[Problem]:
-    """Every record of a local JSONL (or JSON list) file as a :class:`Problem`; a bad record is a
-    ValueError naming the file, the line and the field."""
+    """Every record of a local JSONL (or JSON list) file as a :class:`Problem`, or of every
+    ``*.json`` file (one record each) under a directory (MATH's release: ``train/<subject>/<n>.json``);
+    a bad record is a ValueError naming the file, the line and the field."""
     path = Path(path)
+    if path.is_dir():
+        files = sorted(path.rglob("*.json"))
+        if not files:
+            raise ValueError(f"dataset directory {path} holds no *.json files")
+        problems = []
+        for file in files:
+            try:
+                record = json.loads(read_text(file, "dataset file", "JSON"))
+            except ValueError as error:
+                raise ValueError(f"{file}: not valid JSON ({error})") from None
+            problems.append(_problem(record, str(file)))
+        return problems
     text = read_text(path, "dataset file", "JSONL")
     if path.suffix == ".json":
         try:
@@ -65,6 +78,47 @@ def load_problems(path: str | Path) -> list[Problem]:
     if not problems:
         raise ValueError(f"{path} holds no records")
     return problems
+
+
+def prepare_gsm8k(data_dir: str | Path, train_file: str | Path, test_file: str | Path) -> Path:
+    """Prepare tensorflow-datasets' ``gsm8k`` in ``data_dir`` from GSM8K's own JSONL files (its
+    ``train.jsonl`` / ``test.jsonl``) instead of its download (the builder's URLs are answered with
+    the local files; its "socratic" splits, unused here, get the same files). Returns the
+    dataset's directory; :func:`load_source` reads it as ``tfds:gsm8k/train``."""
+    from unittest import mock
+
+    import tensorflow_datasets as tfds
+    from tensorflow_datasets.text.gsm8k import gsm8k  # noqa: F401 - registers the builder
+
+    local = {"train": Path(train_file), "test": Path(test_file)}
+    for split, file in local.items():
+        load_problems(file)  # a missing file or a bad record fails here, by name, not inside tfds
+    builder = tfds.builder("gsm8k", data_dir=str(data_dir), file_format="array_record")
+    answer = lambda _, urls: {k: str(local[k.split("_")[0]]) for k in urls}  # noqa: E731
+    with mock.patch.object(tfds.download.DownloadManager, "download_and_extract", answer):
+        builder.download_and_prepare()
+    return Path(builder.data_dir)
+
+
+def load_source(source: str, tfds_data_dir: str | Path | None = None) -> list[Problem]:
+    """The problems of ``source``: a local file or directory (:func:`load_problems`), or
+    ``tfds:<name>/<split>`` (e.g. ``tfds:gsm8k/train``), a tensorflow-datasets dataset prepared in
+    ``tfds_data_dir`` (read with ``tfds.data_source``, without TensorFlow)."""
+    if not source.startswith("tfds:"):
+        return load_problems(source)
+    name, _, split = source.removeprefix("tfds:").partition("/")
+    if not name or not split or not tfds_data_dir:
+        raise ValueError(f"{source!r}: a tensorflow-datasets source is tfds:<name>/<split> (e.g. tfds:gsm8k/train) "
+                         "and needs math.tfds_data_dir, where it was prepared (qsharp prepare-gsm8k)")
+    import tensorflow_datasets as tfds
+
+    try:
+        records = tfds.data_source(name, split=split, data_dir=str(tfds_data_dir), download=False)
+    except Exception as error:  # noqa: BLE001 - tfds raises many kinds; all mean "not prepared there"
+        raise ValueError(f"{source!r} cannot be read from {tfds_data_dir} ({' '.join(str(error).split())[:200]}); "
+                         "prepare it first (qsharp prepare-gsm8k)") from None
+    text = lambda v: v.decode() if isinstance(v, bytes) else v  # noqa: E731
+    return [_problem({k: text(v) for k, v in records[i].items()}, f"{source} record {i}") for i in range(len(records))]
 
 
 def _problem(record: Any, where: str) -> Problem:

@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from qsharp_jax.tasks.math import VERIFY_TIMEOUT, AnswerChecker, extract_answer
-from qsharp_jax.tasks.math_data import Problem, encode_prompts, load_problems, split_problems
+from qsharp_jax.tasks.math_data import Problem, encode_prompts, load_source, split_problems
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,6 +26,8 @@ class MathTaskConfig:
     Fields:
       train_file: problems Algorithm 1 samples from: a local JSONL (or JSON list) file in the
         official Q♯ layout, GSM8K's original or MATH's original (:func:`~qsharp_jax.tasks.math_data.load_problems`).
+      tfds_data_dir: where ``tfds:<name>/<split>`` sources (e.g. ``train_file: tfds:gsm8k/train``)
+        were prepared (``qsharp prepare-gsm8k``).
       eval_file: the per-iteration evaluation problems; "" holds out ``eval_fraction`` of
         ``train_file`` (by a seeded hash of the problem text: the same split on every machine).
       eval_fraction: the held-out share of ``train_file`` when ``eval_file`` is "" (the paper: 0.1).
@@ -47,6 +49,7 @@ class MathTaskConfig:
     """
 
     train_file: str = ""
+    tfds_data_dir: str = ""
     eval_file: str = ""
     eval_fraction: float = 0.1
     split_seed: int = 0
@@ -151,9 +154,9 @@ class MathTask:
         tokenizer = resolve_tokenizer(cfg.tokenizer, reference, "tokenizer", "reference")
         if cfg.value_tokenizer != "value" or value:
             check_same_tokenizer(tokenizer, resolve_tokenizer(cfg.value_tokenizer, value, "value_tokenizer", "value"))
-        problems = load_problems(cfg.train_file)
+        problems = load_source(cfg.train_file, cfg.tfds_data_dir)
         if cfg.eval_file:
-            train, evaluation = problems, load_problems(cfg.eval_file)
+            train, evaluation = problems, load_source(cfg.eval_file, cfg.tfds_data_dir)
         else:
             train, evaluation = split_problems(problems, cfg.eval_fraction, cfg.split_seed)
         if cfg.max_eval_problems:
