@@ -26,7 +26,7 @@ $(VENV)/.dev-installed: requirements-dev.txt $(VENV)/.runtime-installed
 PYTEST_WORKERS ?= auto
 
 test: install-dev
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist worksteal
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS)
 
 # every kill point of the fault-injection suite (make test runs a representative chain of them)
 test-faults: install-dev
