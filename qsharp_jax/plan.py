@@ -106,10 +106,12 @@ def _memory(compiled) -> dict[str, int]:
     return out
 
 
-def plan(cfg: RunConfig, *, compile: bool = True, report: Callable[[str], None] = print) -> dict[str, Any]:
-    """Lower (and ``compile``) the run's rollout and train step at full size on this process's
-    devices; returns the shapes, each program's memory analysis and the summary bytes per device
-    (:data:`SUMMARY_KEYS`). ``report`` receives a line per stage (progress on long compiles).
+def plan(cfg: RunConfig, *, compile: bool | tuple[str, ...] = True, report: Callable[[str], None] = print
+         ) -> dict[str, Any]:
+    """Lower (and ``compile``: all, none, or the named of ``rollout``, ``train_step``) the run's
+    rollout and train step at full size on this process's devices; returns the shapes, each
+    compiled program's memory analysis and the summary bytes per device (:data:`SUMMARY_KEYS`).
+    ``report`` receives a line per stage (progress on long compiles).
 
     XLA:CPU runs a bfloat16 matmul by copying its weights to float32 (temporaries no GPU or TPU
     allocates: 55 GiB of them for Llama 3 8B), so on CPU bfloat16 models are compiled in float32:
@@ -171,7 +173,7 @@ def plan(cfg: RunConfig, *, compile: bool = True, report: Callable[[str], None] 
     for name, lower in programs.items():
         report(f"lowering the {name}")
         lowered = lower()
-        if compile:
+        if compile is True or (compile and name in compile):
             report(f"compiling the {name}")
             memory[name] = _memory(lowered.compile())
             if memory[name]:
