@@ -33,3 +33,17 @@ def test_rewards_follow_the_gold_answer_of_each_prompt():
             task.golds(np.full((1, 13), 3))
     finally:
         task.close()
+
+
+def test_value_tokenizer_check_allows_renamed_special_tokens_only():
+    from qsharp_jax.tasks.math_task import check_same_tokenizer
+
+    def with_special(name):
+        tok = tiny_chat_tokenizer()
+        tok.add_special_tokens({"additional_special_tokens": [name]})
+        return tok
+
+    # one release names an added token otherwise (Llama 3 -> 3.1 / 3.2): the same ids, accepted
+    check_same_tokenizer(with_special("<|reserved_special_token_2|>"), with_special("<|finetune_right_pad_id|>"))
+    with pytest.raises(ValueError, match="differs from π_ref's"):
+        check_same_tokenizer(tiny_chat_tokenizer(), tiny_chat_tokenizer(extra=["four"]))

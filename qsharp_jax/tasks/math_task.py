@@ -92,10 +92,21 @@ def resolve_tokenizer(name: str, model_path: str | None, field: str, role: str):
 
 
 def check_same_tokenizer(ref_tokenizer, value_tokenizer) -> None:
-    """Refuse a value model whose tokenizer is not π_ref's (its scores would go to other tokens)."""
-    ref_vocab, value_vocab = ref_tokenizer.get_vocab(), value_tokenizer.get_vocab()
-    if ref_vocab == value_vocab:
+    """Refuse a value model whose tokenizer is not π_ref's (its scores would go to other tokens).
+
+    The text tokens must have the same ids; added (special) tokens only the same ids, since their
+    names may differ between releases of one tokenizer (Llama 3.1 and 3.2 renamed some of Llama 3's
+    reserved tokens, e.g. id 128004 ``<|reserved_special_token_2|>`` -> ``<|finetune_right_pad_id|>``).
+    """
+    def split(tokenizer):
+        added = {int(i) for i in getattr(tokenizer, "added_tokens_decoder", {})}
+        vocab = tokenizer.get_vocab()
+        return {t: i for t, i in vocab.items() if i not in added}, added
+
+    (ref_text, ref_added), (value_text, value_added) = split(ref_tokenizer), split(value_tokenizer)
+    if ref_text == value_text and ref_added == value_added:
         return
+    ref_vocab, value_vocab = ref_tokenizer.get_vocab(), value_tokenizer.get_vocab()
     differ = sorted({t for t in ref_vocab.keys() | value_vocab.keys() if ref_vocab.get(t) != value_vocab.get(t)},
                     key=lambda t: (ref_vocab.get(t, len(ref_vocab)), t))
     first = differ[0]
