@@ -185,7 +185,8 @@ def plan(cfg: RunConfig, *, compile: bool | tuple[str, ...] = True, report: Call
         return kv_cache_bytes(ref_cfg, rows, slots, dtypes["ref"], mesh) + \
             kv_cache_bytes(value_cfg, rows, slots, dtypes["value"], mesh)
 
-    (_, real_ref), _, real_state = models(real)
+    # on CPU the counts need the models again at their real dtypes
+    (_, real_ref), _, real_state = models(real) if compiled_as != real else ((None, ref_state), None, abstract_state)
     real_state = _sharded(real_state, train_state_shardings(real_state, mesh))
     rollout_temp = memory.get("rollout", {}).get("temporaries")
     rollout_temp = kv(real) if rollout_temp is None else rollout_temp - kv(compiled_as) + kv(real)

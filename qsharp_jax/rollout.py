@@ -5,8 +5,9 @@ prompt batch, then runs a single ``lax.while_loop`` that, per step:
 
 1. takes π_ref's next-token logits from its KV cache;
 2. for sequences still inside their roll-in (generated tokens < ``switch_time``), adds the value
-   model's offsets — a V-type model scores π_ref's top-k candidates in one forward against its own
-   KV cache, a Q-type model reads every token's value from its last position;
+   model's offsets to π_ref's top-k candidates — a V-type model scores them in one forward
+   against its own KV cache, a Q-type model reads their values from its last position (every
+   token's, without ``top_k``);
 3. applies temperature, top-k and top-p to that final policy and samples;
 4. appends the token to both caches (a V-type model's cache takes the chosen candidate's keys and
    values from step 2, with no second forward), records log-probabilities and the exact per-step
@@ -116,10 +117,10 @@ def generate(
       value_model: needed when ``guidance`` is set; must share π_ref's vocabulary.
       guidance: None (plain π_ref), ``"qsharp"``/``"cd"`` (categorical head), ``"bernoulli"``.
       eta: KL coefficient η > 0 (paper's convention; the official code's flag is 1/η).
-      top_k: V-type value models score π_ref's top-k tokens, and the final policy is truncated to
-        its top-k (so with V-type guidance it samples among those candidates, whatever
-        ``guided_logits``' ``others`` rule would give the rest). ``None``: no truncation (plain
-        or Q-type only).
+      top_k: the final policy is truncated to its top-k; guidance scores π_ref's top-k tokens (the
+        paper's candidates, for V-type and Q-type models alike) and samples among them, whatever
+        ``guided_logits``' ``others`` rule would give the rest. ``None``: no truncation (plain,
+        or a Q-type model guiding every token).
       temperature, top_p: applied to the final (guided) policy, as in the paper.
       switch_time: int ``[B]``: sequence b is guided for its first ``switch_time[b]`` generated
         tokens and follows π_ref after (Algorithm 1's roll-in / roll-out). None = always guided.
@@ -263,10 +264,9 @@ def _generate(ref_graph, ref_state, value_graph, value_state, prompt_ids, prompt
     n = spec.max_new_tokens
     v_type = value is not None and not spec.q_type
 
-    # prefill; the heads only at the last prompt position (π_ref's logits at every position of a
-    # 512-token prompt are [B, 512, 128k] floats: gigabytes per device at LLM shapes)
-    ref_hidden, ref_cache = ref.extend_hidden(prompt_ids, ref.init_cache(batch, spec.cache_len), prompt_mask)
-    ref_logits = ref.logits(ref_hidden[:, -1])
+    # prefill; the heads only at the last prompt position
+    ref_logits, ref_cache = ref.extend(prompt_ids, ref.init_cache(batch, spec.cache_len), prompt_mask, last_only=True)
+    ref_logits = ref_logits[:, 0]
     if value is not None:
         value_out, value_cache = value.extend(prompt_ids, value.init_cache(batch, spec.cache_len), prompt_mask,
                                               last_only=True)
@@ -277,17 +277,22 @@ def _generate(ref_graph, ref_state, value_graph, value_state, prompt_ids, prompt
     def offsets_of(values):  # η and the atoms were validated in `generate`: no checks in the loop
         return guidance_lib.UNCHECKED_OFFSETS[spec.guidance](values, atoms, eta)
 
-    def v_type_candidates(ref_logits, value_cache, guide_now):
-        """V-type guidance on π_ref's top-k: guided logits there + the candidates' value-model K/V.
+    def candidates(ref_logits, value_cache, value_out, guide_now):
+        """Guidance on π_ref's top-k: guided logits there (+ a V-type model's K/V of each candidate).
 
-        Sampling within these k is exact for both of ``guided_logits``' ``others`` modes: every
-        candidate's guided logit is >= any other token's (offsets >= their row minimum, π_ref
-        logits >= the k-th), so the final top-k of the guided policy is this same set.
+        A V-type model scores the candidates in one forward against its cache; a Q-type model's
+        values are read at their ids. Sampling within these k is exact for both of
+        ``guided_logits``' ``others`` modes: every candidate's guided logit is >= any other token's
+        (offsets >= their row minimum, π_ref logits >= the k-th), so the final top-k of the guided
+        policy is this same set.
         """
         # ids the value model has (its vocabulary may be padded less than π_ref's: a static slice)
         ref_top, cand = jax.lax.top_k(ref_logits[:, : value.vocab_size], spec.top_k)
 
         def score():
+            if spec.q_type:  # [B, V, ...] -> [B, k, ...]
+                at = cand.reshape(*cand.shape, *([1] * (value_out.ndim - 2)))
+                return jnp.where(guide_now[:, None], offsets_of(jnp.take_along_axis(value_out, at, axis=1)), 0.0), None
             values, kv = value.score_candidates(cand, value_cache, return_kv=True)
             return jnp.where(guide_now[:, None], offsets_of(values), 0.0), kv
 
@@ -296,7 +301,7 @@ def _generate(ref_graph, ref_state, value_graph, value_state, prompt_ids, prompt
             zeros = tuple(jnp.zeros(shape, value_cache.k[0].dtype) for _ in value_cache.k)
             return jnp.zeros(cand.shape, jnp.float32), (zeros, zeros)
 
-        if spec.always_guided:
+        if spec.always_guided or spec.q_type:
             offsets, kv = score()
         else:
             offsets, kv = jax.lax.cond(jnp.any(guide_now), score, skip)
@@ -314,11 +319,11 @@ def _generate(ref_graph, ref_state, value_graph, value_state, prompt_ids, prompt
         guide_now = active & (t < switch_time)
         ref_lse = jax.nn.logsumexp(ref_logits, axis=-1)
         g_kl = jnp.zeros((batch,), jnp.float32)
-        if v_type:
-            log_policy, ids, ref_at_ids, order, kv, g_kl = v_type_candidates(ref_logits, value_cache, guide_now)
+        if v_type or (spec.guidance is not None and spec.top_k is not None):
+            log_policy, ids, ref_at_ids, order, kv, g_kl = candidates(ref_logits, value_cache, value_out, guide_now)
         else:
             policy_logits = ref_logits
-            if spec.guidance is not None:  # Q-type: every token's value is at hand
+            if spec.guidance is not None:  # Q-type without top_k: every token guided
                 policy_logits = jnp.where(guide_now[:, None], ref_logits + offsets_of(value_out), ref_logits)
                 log_g = jax.nn.log_softmax(policy_logits, axis=-1)
                 g_kl = jnp.sum(jnp.exp(log_g) * (log_g - jax.nn.log_softmax(ref_logits, axis=-1)), axis=-1)

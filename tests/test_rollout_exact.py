@@ -108,10 +108,13 @@ def recompute(ref, value, prompt_ids, prompt_mask, tokens, *, guidance, top_k, t
     ref_logits = last_position(ref, prefixes)  # [B*N, V]
     if value.head_cfg.q_type:  # every next token's value at the prefix's last position
         offsets = offsets_of(last_position(value, prefixes), guidance)  # [B*N, V]
-    else:  # V-type: the value of the prefix extended by each of π_ref's top-k tokens; the rest get the row min
+    if top_k is not None:  # guidance on π_ref's top-k tokens only; the rest get the row min
         cand = np.argsort(-ref_logits, axis=-1)[:, :top_k]  # [B*N, k]
-        extended = [np.append(p, c) for p, row in zip(prefixes, cand) for c in row]
-        scores = offsets_of(last_position(value, extended), guidance).reshape(cand.shape)
+        if value.head_cfg.q_type:
+            scores = np.take_along_axis(offsets, cand, axis=-1)
+        else:  # V-type: the value of the prefix extended by each candidate
+            extended = [np.append(p, c) for p, row in zip(prefixes, cand) for c in row]
+            scores = offsets_of(last_position(value, extended), guidance).reshape(cand.shape)
         offsets = np.repeat(scores.min(-1, keepdims=True), V, axis=-1)
         np.put_along_axis(offsets, cand, scores, axis=-1)
     guided = (np.arange(N)[None, :] < SWITCH[:, None]).reshape(-1, 1)  # roll-in, then π_ref

@@ -310,11 +310,13 @@ class Transformer(nnx.Module):
         )
 
     def extend(
-        self, input_ids: jax.Array, cache: KVCache, attention_mask: jax.Array | None = None
+        self, input_ids: jax.Array, cache: KVCache, attention_mask: jax.Array | None = None, *, last_only: bool = False
     ) -> tuple[jax.Array, KVCache]:
-        """Append ``input_ids [B, T]`` to the cache; return their logits ``[B, T, V]`` and the cache."""
+        """Append ``input_ids [B, T]`` to the cache; return their logits ``[B, T, V]`` (``last_only``:
+        the last position's, ``[B, 1, V]`` — a prefill needs no more, and a 512-token prompt's logits
+        at a 128k vocabulary are gigabytes per device) and the cache."""
         hidden, cache = self.extend_hidden(input_ids, cache, attention_mask)
-        return self.logits(hidden), cache
+        return self.logits(hidden[:, -1:] if last_only else hidden), cache
 
     def extend_hidden(
         self, input_ids: jax.Array, cache: KVCache, attention_mask: jax.Array | None = None

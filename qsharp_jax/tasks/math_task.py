@@ -101,13 +101,13 @@ def check_same_tokenizer(ref_tokenizer, value_tokenizer) -> None:
     def split(tokenizer):
         added = {int(i) for i in getattr(tokenizer, "added_tokens_decoder", {})}
         vocab = tokenizer.get_vocab()
-        return {t: i for t, i in vocab.items() if i not in added}, added
+        return vocab, {t: i for t, i in vocab.items() if i not in added}, added
 
-    (ref_text, ref_added), (value_text, value_added) = split(ref_tokenizer), split(value_tokenizer)
+    (ref_vocab, ref_text, ref_added), (value_vocab, value_text, value_added) = map(split, (ref_tokenizer, value_tokenizer))
     if ref_text == value_text and ref_added == value_added:
         return
-    ref_vocab, value_vocab = ref_tokenizer.get_vocab(), value_tokenizer.get_vocab()
-    differ = sorted({t for t in ref_vocab.keys() | value_vocab.keys() if ref_vocab.get(t) != value_vocab.get(t)},
+    differ = sorted({t for t in ref_text.keys() | value_text.keys() if ref_text.get(t) != value_text.get(t)}
+                    | {t for t, i in (ref_vocab | value_vocab).items() if i in ref_added ^ value_added},
                     key=lambda t: (ref_vocab.get(t, len(ref_vocab)), t))
     first = differ[0]
     raise ValueError(f"the value model's tokenizer ({len(value_vocab)} tokens) differs from π_ref's ({len(ref_vocab)} "
