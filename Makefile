@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install --disable-pip-version-check -q
 
-.PHONY: install install-dev test test-faults demo tabular bench clean
+.PHONY: install install-dev test test-faults demo math-demo tabular bench clean
 
 install: $(VENV)/.runtime-installed
 install-dev: $(VENV)/.dev-installed
@@ -26,7 +26,7 @@ $(VENV)/.dev-installed: requirements-dev.txt $(VENV)/.runtime-installed
 PYTEST_WORKERS ?= auto
 
 test: install-dev
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS)
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup
 
 # every kill point of the fault-injection suite (make test runs a representative chain of them)
 test-faults: install-dev
@@ -35,6 +35,10 @@ test-faults: install-dev
 # the star-graph experiment end to end (π_ref pretraining, Q♯, CD, REINFORCE, DPO, RPO) into runs/demo
 demo: install
 	$(PY) -m experiments.star_graph experiments/star_graph/demo.yaml
+
+# the CPU math demo: π_ref / CD / Q♯ on carry-forgetting addition problems into runs/math_demo (~13 min)
+math-demo: install
+	$(PY) -m experiments.math experiments/math/demo.yaml
 
 # the exact tabular check of Q♯ against π* (seconds)
 tabular: install

@@ -276,10 +276,11 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def write(out_dir: Path, results: dict[str, Any], all_samples: dict[str, Samples], problems: list[Problem],
-          name: str = "eval") -> None:
-    """``<name>.json``, ``<name>.md``, ``samples.jsonl`` (and ``kl_sweep.png``) into ``out_dir``."""
+          name: str = "eval", extra_markdown: str = "") -> None:
+    """``<name>.json``, ``<name>.md`` (+ ``extra_markdown``: a caller's own sections),
+    ``samples.jsonl`` (and ``kl_sweep.png``) into ``out_dir``."""
     atomic_write(out_dir / f"{name}.json", lambda f: f.write(json.dumps(results, indent=1, allow_nan=False).encode()))
-    atomic_write(out_dir / f"{name}.md", lambda f: f.write(markdown(results).encode()))
+    atomic_write(out_dir / f"{name}.md", lambda f: f.write((markdown(results) + extra_markdown).encode()))
     lines = []
     for i, p in enumerate(problems):
         lines.append(json.dumps({"id": p.id, "problem": p.problem, "gold": p.answer, **{
@@ -296,17 +297,23 @@ def plot_sweep(results: dict[str, Any], out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.6))
-    for method in dict.fromkeys(s["method"] for s in results["sweep"]):
-        points = sorted((s["kl"], s["pass@1"], s["eta"]) for s in results["sweep"] if s["method"] == method)
-        ax.plot([p[0] for p in points], [100 * p[1] for p in points], "o-", label=LABELS[method])
-        for kl, acc, eta in points:
-            ax.annotate(f"η={eta:g}", (kl, 100 * acc), fontsize=7, textcoords="offset points", xytext=(3, -9))
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for i, method in enumerate(dict.fromkeys(s["method"] for s in results["sweep"])):
+        points = sorted((s["eta"], s["kl"], 100 * s["pass@1"]) for s in results["sweep"] if s["method"] == method)
+        ax.plot([p[1] for p in points], [p[2] for p in points], "o-", label=LABELS[method])
+        labels: dict[tuple[float, float], list[str]] = {}  # points that coincide share one label
+        for eta, kl, acc in points:
+            labels.setdefault((round(kl, 1), round(acc)), []).append(f"{eta:g}")
+        for (kl, acc), etas in labels.items():
+            ax.annotate("η=" + ", ".join(etas), (kl, acc), fontsize=7, color=f"C{i}", textcoords="offset points",
+                        xytext=(4, 4 if i % 2 else -10))
     if "pretrained" in results["methods"]:
         ax.plot([0], [100 * results["methods"]["pretrained"]["pass@1"]], "s", color="C7", label="π_ref")
+    # KL spans orders of magnitude over η (and π_ref's is 0): linear near 0, logarithmic beyond
+    ax.set_xscale("symlog", linthresh=0.1)
     ax.set(xlabel="KL(π ‖ π_ref) per response", ylabel="pass@1 (%)", title="accuracy against KL over η")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="center right")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)

@@ -10,6 +10,7 @@ the retry).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -25,6 +26,14 @@ from qsharp_jax import failpoints
 MANIFEST = "manifest.json"
 
 
+@functools.cache
+def _file_mode() -> int:
+    """What ``open()`` gives a new file: 0666 less the process's umask (read once)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write(path: Path, write, failpoint: str | None = None) -> None:
     """Write through ``write(file)`` to a temp file beside ``path``, fsync, then rename over it.
 
@@ -33,6 +42,7 @@ def atomic_write(path: Path, write, failpoint: str | None = None) -> None:
     """
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, _file_mode())  # mkstemp's 0600 would hide results from the group
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

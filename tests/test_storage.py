@@ -10,7 +10,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from qsharp_jax.storage import RolloutStore
+from qsharp_jax.storage import RolloutStore, atomic_write
 
 
 def data(n, t, seed):
@@ -146,3 +146,9 @@ def test_kill_during_append_leaves_whole_iterations(tmp_path):
     x = store.load()["x"]
     np.testing.assert_array_equal(x, np.repeat(np.arange(len(iterations)), 64)[:, None] * np.ones((1, 512), int))
     json.loads((tmp_path / "manifest.json").read_text())  # the manifest is always valid JSON
+
+
+def test_atomic_writes_get_the_permissions_of_an_ordinary_file(tmp_path):
+    atomic_write(tmp_path / "results.json", lambda f: f.write(b"{}"))
+    (tmp_path / "plain.json").write_bytes(b"{}")
+    assert (tmp_path / "results.json").stat().st_mode == (tmp_path / "plain.json").stat().st_mode

@@ -26,7 +26,8 @@ the problem, " (check)").
 
 Pure Python + numpy: :func:`make_problems` draws problems (a :class:`~qsharp_jax.tasks.math_data.Problem`
 each, its ``level`` the number of carries), :func:`solution` writes π_ref's training text,
-:func:`make_tokenizer` builds the Hugging Face tokenizer (with a chat template) of the task.
+:func:`make_tokenizer` builds the Hugging Face tokenizer (with a chat template) of the task,
+:func:`carry_points` lists the decisions that matter (where a carry is kept or lost).
 """
 
 from __future__ import annotations
@@ -151,6 +152,22 @@ def solution(start: int, amounts: tuple[int, ...], rng: np.random.Generator | No
         lines.append(f"{day}: {total} + {d}{check} = {written}")
         total = written
     return "\n".join(lines) + f"\n\\boxed{{{total}}}"
+
+
+def carry_points(start: int, amounts: tuple[int, ...]) -> list[tuple[str, str, str, int]]:
+    """Every needed carry of the right solution, as (the solution's text before the step's tens
+    digit, the carried tens digit, the forgotten one, the carries still ahead after this one)."""
+    points, lines, total = [], [], start
+    ahead = carries(start, amounts)
+    for day, d in zip(DAYS, amounts):
+        right = total + d
+        if (total % 10) + d >= 10:
+            ahead -= 1
+            points.append(("\n".join([*lines, f"{day}: {total} + {d} ="]), f" {right // 10}", f" {right // 10 - 1}",
+                           ahead))
+        lines.append(f"{day}: {total} + {d} = {right}")
+        total = right
+    return points
 
 
 def make_tokenizer():

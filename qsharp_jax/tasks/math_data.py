@@ -195,10 +195,15 @@ def encode_prompts(tokenizer, problems: Sequence[Problem], max_prompt_len: int, 
     if not kept:
         raise ValueError(f"all {len(encoded)} prompts are longer than max_prompt_len={max_prompt_len} tokens "
                          f"(shortest {min(map(len, encoded))}); raise math.max_prompt_len")
-    width = max(len(encoded[i]) for i in kept)
-    ids = np.full((len(kept), width), pad_id, np.int32)
-    mask = np.zeros((len(kept), width), bool)
-    for row, i in enumerate(kept):
-        ids[row, width - len(encoded[i]):] = encoded[i]
-        mask[row, width - len(encoded[i]):] = True
-    return ids, mask, kept
+    return (*left_pad([encoded[i] for i in kept], pad_id), kept)
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token lists as a left-padded batch: (ids int32 ``[n, longest]``, mask bool ``[n, longest]``)."""
+    width = max(map(len, sequences))
+    ids = np.full((len(sequences), width), pad_id, np.int32)
+    mask = np.zeros((len(sequences), width), bool)
+    for row, seq in enumerate(sequences):
+        ids[row, width - len(seq):] = seq
+        mask[row, width - len(seq):] = True
+    return ids, mask

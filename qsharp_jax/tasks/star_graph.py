@@ -129,6 +129,10 @@ class Graphs:
     def __len__(self) -> int:
         return len(self.source)
 
+    def take(self, rows) -> "Graphs":
+        """The graphs at ``rows`` (indices, a slice or a mask)."""
+        return Graphs(*(getattr(self, f.name)[rows] for f in dataclasses.fields(Graphs)))
+
 
 def sample_graphs(cfg: GraphConfig, n: int, rng: np.random.Generator) -> Graphs:
     """``n`` random star graphs: labels without repeats, the goal's arm at a random index, edges shuffled."""
@@ -178,6 +182,10 @@ class Split:
     answers: np.ndarray
     graphs: Graphs
 
+    def take(self, rows) -> "Split":
+        """The graphs at ``rows`` (indices, a slice or a mask)."""
+        return Split(self.prompts[rows], self.answers[rows], self.graphs.take(rows))
+
 
 def make_splits(cfg: GraphConfig, *, train: int, test: int, seed: int) -> tuple[Split, Split]:
     """Deterministic train / test splits from ``seed``; no test prompt occurs in the train split.
@@ -193,7 +201,7 @@ def make_splits(cfg: GraphConfig, *, train: int, test: int, seed: int) -> tuple[
     fresh = np.array([p.tobytes() not in seen for p in train_prompts], bool)
     if not fresh.all():  # astronomically rare at paper sizes; possible for tiny graphs
         keep = np.flatnonzero(fresh)
-        train_graphs = Graphs(*(getattr(train_graphs, f.name)[keep] for f in dataclasses.fields(Graphs)))
+        train_graphs = train_graphs.take(keep)
         train_prompts = train_prompts[keep]
     return (Split(train_prompts, encode_answers(cfg, train_graphs.path), train_graphs),
             Split(test_prompts, encode_answers(cfg, test_graphs.path), test_graphs))

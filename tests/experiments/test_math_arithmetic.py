@@ -24,6 +24,18 @@ def test_problems_and_right_solutions():
         arithmetic.ProblemConfig(start=(10, 60))
 
 
+def test_carry_points_are_the_right_solutions_decisions():
+    assert arithmetic.carry_points(15, (8, 6, 9)) == [
+        ("Monday: 15 + 8 =", " 2", " 1", 1), ("Monday: 15 + 8 = 23\nTuesday: 23 + 6 = 29\nWednesday: 29 + 9 =", " 3",
+                                              " 2", 0)]
+    for p in arithmetic.make_problems(arithmetic.ProblemConfig(), 200, np.random.default_rng(2)):
+        right = p.solution
+        points = arithmetic.carry_points(*arithmetic.numbers(p))
+        assert [a for *_, a in points] == list(range(int(p.level) - 1, -1, -1))
+        for text, kept, lost, _ in points:  # the right solution continues with the carried digit
+            assert right.startswith(text + kept) and int(lost) == int(kept) - 1
+
+
 def test_noisy_solutions_forget_carries_at_the_configured_rate():
     cfg = arithmetic.ProblemConfig()
     rng = np.random.default_rng(1)

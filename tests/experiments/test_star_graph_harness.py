@@ -115,19 +115,32 @@ def test_shipped_configs_load(name):
     assert cfg.qsharp.max_new_tokens == cfg.graph.answer_length and cfg.qsharp.eta == 0.1 and cfg.qsharp.top_k == 10
 
 
-def test_value_warm_up_learns_which_steps_are_edges(tmp_path):
+# π_ref in the shortcut regime on G(2, 3), pretrained once for the two tests below (one xdist
+# worker runs both: `make test` distributes with --dist loadgroup)
+SHORTCUT = dict(graph={"degree": 2, "path_length": 3, "num_nodes": 10}, train_graphs=20000,
+                reference={"architecture": "gpt2", "vocab_size": 16, "hidden_size": 32, "num_layers": 2,
+                           "num_heads": 4, "mlp_dim": 64, "max_positions": 32},
+                pretrain={"epochs": 2, "batch_size": 32, "optimizer": {"learning_rate": 3e-3, "weight_decay": 0.0}})
+
+
+@pytest.fixture(scope="module")
+def shortcut(tmp_path_factory):
+    """(π_ref, train split, 500 held-out graphs)."""
+    cfg = tiny(tmp_path_factory.mktemp("shortcut"), **SHORTCUT)
+    train_split, test_split = sg.make_splits(cfg.graph, train=cfg.train_graphs, test=500, seed=0)
+    return exp.pretrain_reference(cfg, train_split, progress=False), train_split, test_split
+
+
+@pytest.mark.xdist_group("shortcut")
+def test_value_warm_up_learns_which_steps_are_edges(tmp_path, shortcut):
     """The edge-walk warm-up teaches the value model (a copy of a briefly pretrained π_ref) the
     pair-matching relation on unseen graphs. Measured: 0.46 → 0.975 accuracy on test walks (0.72
     with half the warm-up steps)."""
     import jax
     import jax.numpy as jnp
 
-    cfg = tiny(tmp_path, graph={"degree": 2, "path_length": 3, "num_nodes": 10}, train_graphs=20000,
-               reference={"architecture": "gpt2", "vocab_size": 16, "hidden_size": 32, "num_layers": 2, "num_heads": 4,
-                          "mlp_dim": 64, "max_positions": 32},
-               pretrain={"epochs": 2, "batch_size": 32, "optimizer": {"learning_rate": 3e-3, "weight_decay": 0.0}},
-               value_pretrain={"walks": 40000, "epochs": 2, "batch_size": 64})
-    train_split, test_split = sg.make_splits(cfg.graph, train=cfg.train_graphs, test=500, seed=0)
+    cfg = tiny(tmp_path, **SHORTCUT, value_pretrain={"walks": 40000, "epochs": 2, "batch_size": 64})
+    ref, train_split, test_split = shortcut
     walks = warmup.edge_walks(cfg.graph, test_split.prompts, np.random.default_rng(3))
 
     def accuracy(value):
@@ -136,7 +149,6 @@ def test_value_warm_up_learns_which_steps_are_edges(tmp_path):
         mask = walks["loss_mask"]
         return float(((p_edge[mask] > 0.5) == (walks["returns"][mask] > 0.5)).mean())
 
-    ref = exp.pretrain_reference(cfg, train_split, progress=False)
     value = value_from_reference(ref, cfg.head, seed=1)
     before = accuracy(value)
     after = accuracy(warmup.pretrain_value(cfg.value_pretrain, cfg.graph, value, train_split, seed=cfg.seed,
@@ -144,23 +156,20 @@ def test_value_warm_up_learns_which_steps_are_edges(tmp_path):
     assert before < 0.75 and after > 0.9, (before, after)
 
 
-def test_miniature_q_sharp_beats_the_shortcut_reference(tmp_path):
+@pytest.mark.xdist_group("shortcut")
+def test_miniature_q_sharp_beats_the_shortcut_reference(tmp_path, shortcut):
     """End to end at miniature scale: a π_ref pretrained into the shortcut regime (≈ 1/degree), then
     Algorithm 1 (rollouts, outcome labels, value fit) and Q♯-guided decoding, scored on the prompts
     Algorithm 1 was run on. Held-out graphs need the value model to learn the edge relation, which
     takes minutes (`make demo`); on its own prompts the value only has to tell, per graph, which first
     step leads to the goal. Measured (seeds 0 and 1): π_ref 0.44 / 0.40 → Q♯ 0.86 / 0.88."""
     n = 64
-    cfg = tiny(tmp_path, graph={"degree": 2, "path_length": 3, "num_nodes": 10}, train_graphs=20000, test_graphs=n,
-               evaluation={"batch": 4 * n},
-               reference={"architecture": "gpt2", "vocab_size": 16, "hidden_size": 32, "num_layers": 2, "num_heads": 4,
-                          "mlp_dim": 64, "max_positions": 32},
-               pretrain={"epochs": 2, "batch_size": 32, "optimizer": {"learning_rate": 3e-3, "weight_decay": 0.0}},
+    cfg = tiny(tmp_path, **SHORTCUT, test_graphs=n, evaluation={"batch": 4 * n},
                qsharp={"iterations": 2, "prompts_per_iteration": 4 * n, "samples_per_prompt": 2, "max_new_tokens": 6,
                        "epochs": 20, "batch_size": 32, "optimizer": {"learning_rate": 3e-3, "weight_decay": 0.0}},
                value_pretrain={"walks": 0})
-    train_split, prompts = sg.make_splits(cfg.graph, train=cfg.train_graphs, test=n, seed=0)
-    ref = exp.pretrain_reference(cfg, train_split, progress=False)
+    ref, _, test_split = shortcut
+    prompts = test_split.take(slice(n))
     # four samples per prompt: accuracies over 256 answers
     scored = sg.Split(np.tile(prompts.prompts, (4, 1)), np.tile(prompts.answers, (4, 1)), prompts.graphs)
     before = exp.evaluate(cfg, scored, ref, progress=False)
