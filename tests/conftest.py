@@ -1,9 +1,13 @@
-"""Test-wide setup: 8 fake CPU devices for sharding tests (must precede the first jax import)."""
+"""Test-wide setup: 8 fake CPU devices for sharding tests, fast XLA compilation, a shared compilation
+cache (must precede the first jax import)."""
 
 import os
 
+# The tests' programs are tiny, so compiling them costs more than running them: LLVM's cheapest
+# optimization level cuts the suite's time by about a quarter (measured on 2 cores, cold cache).
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    os.environ.get("XLA_FLAGS", "") + f" {FAST_COMPILE} --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # A persistent compilation cache shared by the test workers: many tests compile the same small

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import FAST_COMPILE
+
 ROOT = Path(__file__).resolve().parents[1]
 COMMAND = [sys.executable, "-m", "qsharp_jax.cli", "train", "experiments/planted_token/config.yaml",
            "algorithm.iterations=2", "algorithm.prompts_per_iteration=16", "algorithm.epochs=2",
@@ -41,7 +43,7 @@ def env(tmp_path_factory):
     cached executable is the same code, so the numbers do not change)."""
     return {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax-cache")),
             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-            "XLA_FLAGS": "", "PYTHONPATH": str(ROOT)}
+            "XLA_FLAGS": FAST_COMPILE, "PYTHONPATH": str(ROOT)}
 
 
 def train(run_dir: Path, env: dict, failpoint: str | None = None) -> subprocess.Popen:
