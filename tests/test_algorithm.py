@@ -145,29 +145,27 @@ def test_drop_no_variation_fits_only_informative_prompts(tmp_path):
 
 
 def test_driver_on_a_mesh_equals_single_device(tmp_path):
-    """π_ref, value model, optimizer state and batches sharded over 8 fake devices."""
+    """π_ref, value model, optimizer state and batches sharded over 8 fake devices. Two epochs: the
+    sharded matmuls sum in another order (~1e-7), which 20 epochs of Adam at lr 1e-2 amplify
+    chaotically (fit losses 0.24 vs 0.17, measured), so equality is checked where it is exact enough
+    to mean something (measured: fit loss equal, explained variance 1e-6 apart)."""
     import dataclasses
 
     from qsharp_jax import sharding
 
-    algo, task, ref, value = build()
-    algo = dataclasses.replace(algo, iterations=1)
-    single = run(algo, task, ref, value, tmp_path / "single", progress=False)
-    algo, task, ref, value = build()
-    algo = dataclasses.replace(algo, iterations=1)
-    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
-    sharded = run(algo, task, ref, value, tmp_path / "mesh", progress=False, mesh=mesh)
-    a, b = single[0], sharded[0]  # iteration 0: π_ref's rollouts, then one fit
+    def iteration_0(mesh=None):
+        algo, task, ref, value = build()
+        algo = dataclasses.replace(algo, iterations=1, epochs=2)
+        return run(algo, task, ref, value, tmp_path / str(mesh is None), progress=False, mesh=mesh)[0]
+
+    a, b = iteration_0(), iteration_0(sharding.make_mesh(data=2, fsdp=2, tensor=2))
     assert a.keys() == b.keys()
     for key in a:
-        if key in ("iteration", "examples", "fit_examples", "ref_reward", "ref_kl"):
-            assert a[key] == b[key], key  # π_ref sampled the same tokens
-        elif key == "guided_reward":  # a slightly different value model: a sample or two may differ
-            assert abs(a[key] - b[key]) <= 0.05, key
-        else:  # sharded matmuls sum in another order (1e-7 after one epoch); 20 epochs of Adam carry
-            # that to ~1e-2 (measured 9e-3 on the fit loss)
-            np.testing.assert_allclose(b[key], a[key], rtol=2e-2, err_msg=key)
-    assert sharded[0]["guided_reward"] > sharded[0]["ref_reward"] + 0.2  # the sharded fit learned
+        if key in ("iteration", "examples", "fit_examples", "ref_reward", "ref_kl", "guided_reward"):
+            assert a[key] == b[key], key  # the same tokens sampled
+        else:
+            np.testing.assert_allclose(b[key], a[key], rtol=1e-4, atol=1e-5, err_msg=key)
+    assert a["fit_loss"] < 0.8  # the two epochs did fit (1.76 after one)
 
 
 def test_rollouts_in_chunks_of_rollout_batch(tmp_path):
