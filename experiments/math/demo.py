@@ -147,13 +147,14 @@ def carry_decisions(cfg: MathDemoConfig, tokenizer, problems, ref, value) -> lis
     ids, mask = left_pad([r[0] for r in rows], pad)
     pair = np.array([r[1:3] for r in rows])  # [n, 2]: carried, forgotten
     ahead = np.array([r[3] for r in rows])
-    ref_logp = jax.nn.log_softmax(ref(jnp.asarray(ids), jnp.asarray(mask))[:, -1])
-    ref_logp = np.take_along_axis(np.asarray(ref_logp), pair, axis=1)
-    if cfg.head.q_type:  # every next token's value at the prefix
-        out = np.asarray(value(jnp.asarray(ids), jnp.asarray(mask))[:, -1])  # [n, V, K]
-        logits = np.take_along_axis(out, pair[:, :, None], axis=1)
+    def last(model, head, ids, mask):  # the head at the last position only (not [n, T, V, K])
+        return np.asarray(head(model.hidden(jnp.asarray(ids), jnp.asarray(mask))[:, -1]))
+
+    ref_logp = np.take_along_axis(np.asarray(jax.nn.log_softmax(last(ref, ref.logits, ids, mask))), pair, axis=1)
+    if cfg.head.q_type:  # every next token's value at the prefix: [n, V, K]
+        logits = np.take_along_axis(last(value.backbone, value.head, ids, mask), pair[:, :, None], axis=1)
     else:  # the value of the prefix extended by each digit
-        logits = np.stack([np.asarray(value(*map(jnp.asarray, left_pad([r[0] + [r[1 + j]] for r in rows], pad)))[:, -1])
+        logits = np.stack([last(value.backbone, value.head, *left_pad([r[0] + [r[1 + j]] for r in rows], pad))
                            for j in (0, 1)], axis=1)
     atoms, eta = cfg.head.atoms, cfg.algorithm.eta
     mean = np.asarray(jax.nn.softmax(logits, axis=-1) @ atoms)  # [n, 2]
@@ -169,6 +170,7 @@ def carry_decisions(cfg: MathDemoConfig, tokenizer, problems, ref, value) -> lis
 
 
 def decisions_markdown(rows: list[dict[str, Any]], eta: float) -> str:
+    """:func:`carry_decisions`' rows as a Markdown section of results.md."""
     lines = ["", f"At each carry of the right solutions: P(the carried digit | carried or forgotten), η = {eta:g}; "
              "the value model's E[R] after each digit (exact: p^ahead after the carried one, 0 after the forgotten one)",
              "", "| carries ahead | decisions | π_ref | CD | Q♯ | E[R] carried | E[R] forgotten | exact carried |",
