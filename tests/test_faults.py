@@ -43,7 +43,7 @@ def env(tmp_path_factory):
     cached executable is the same code, so the numbers do not change)."""
     return {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax-cache")),
             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-            "XLA_FLAGS": FAST_COMPILE, "PYTHONPATH": str(ROOT)}
+            **FAST_COMPILE, "PYTHONPATH": str(ROOT)}
 
 
 def train(run_dir: Path, env: dict, failpoint: str | None = None) -> subprocess.Popen:

@@ -13,6 +13,7 @@ math-verify is imported lazily: only :func:`answers_match` needs it.
 
 from __future__ import annotations
 
+import functools
 import re
 import signal
 import threading
@@ -82,6 +83,14 @@ def answers_match(pred: str | None, gold: str, *, timeout: float = VERIFY_TIMEOU
 
 
 def _verify(pred: str, gold: str) -> bool:
+    parse, verify = _math_verify()
+    return verify(parse(f"${gold}$", parsing_timeout=None), parse(f"${pred}$", parsing_timeout=None),
+                  timeout_seconds=None)
+
+
+@functools.cache
+def _math_verify():
+    """math-verify's (parse, verify), imported once per process (a worker's first check)."""
     import logging
 
     from math_verify import parse, verify
@@ -90,8 +99,7 @@ def _verify(pred: str, gold: str) -> bool:
     # (so their warning that none is set, logged on every call, says nothing here)
     for name in ("math_verify.parser", "math_verify.grader"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    return verify(parse(f"${gold}$", parsing_timeout=None), parse(f"${pred}$", parsing_timeout=None),
-                  timeout_seconds=None)
+    return parse, verify
 
 
 def _bounded(fn: Callable[[], T], timeout: float, default: T) -> T:

@@ -49,3 +49,60 @@ def test_demo_writes_its_results_and_resumes(tmp_path):
     again = demo.run(cfg, progress=False)
     assert again["methods"] == results["methods"]
     assert {p: p.stat().st_mtime_ns for p in saved} == saved
+
+
+@pytest.mark.parametrize("q_type", [True, False])
+def test_carry_decisions_equal_each_decision_computed_alone(tmp_path, q_type):
+    """Each carry's choice probabilities, recomputed per prefix from a right-padded forward (the
+    function left-pads) and the offsets' formulas in numpy (log Σ p_k e^{z_k/η} for Q♯, Σ p_k z_k/η
+    for CD): the batched computation and its per-carry rows agree (untrained models: the arithmetic
+    is the test, not the learning)."""
+    import jax.numpy as jnp
+
+    from experiments.math import arithmetic
+    from qsharp_jax.models.build import build_reference
+    from qsharp_jax.models.value import HeadConfig, value_from_reference
+    from qsharp_jax.tasks.math_data import chat_prompt
+
+    head = {"kind": "categorical", "num_atoms": 11, "q_type": q_type}
+    cfg = config.load(demo.MathDemoConfig, None, [f"run_dir={tmp_path}", *TINY, f"head={json.dumps(head)}"])
+    tokenizer = arithmetic.make_tokenizer()
+    problems = arithmetic.make_problems(cfg.problems, 200, np.random.default_rng(0))
+    problem = max(problems, key=lambda p: int(p.level))  # several carries: several rows
+    ref = build_reference(cfg.reference)
+    value = value_from_reference(ref, HeadConfig(**head), seed=1)
+    rows = demo.carry_decisions(cfg, tokenizer, [problem], ref, value)
+    points = arithmetic.carry_points(*arithmetic.numbers(problem))
+    assert int(problem.level) >= 2 and [r["carries_ahead"] for r in rows] == sorted(p[3] for p in points)
+
+    def encode(text):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def at_last(fn, sequences):  # fn's output at each sequence's last token, right-padded: [n, ...]
+        width = max(map(len, sequences))
+        ids = np.array([s + [tokenizer.pad_token_id] * (width - len(s)) for s in sequences])
+        mask = np.arange(width) < np.array([len(s) for s in sequences])[:, None]
+        out = np.asarray(fn(jnp.asarray(ids), jnp.asarray(mask)), np.float64)
+        return out[np.arange(len(sequences)), [len(s) - 1 for s in sequences]]
+
+    prompt = encode(chat_prompt(tokenizer, problem.problem))
+    prefixes = [prompt + encode(text) for text, *_ in points]
+    pairs = np.array([[encode(kept)[0], encode(lost)[0]] for _, kept, lost, _ in points])  # [n, 2]
+    log_ref = at_last(ref, prefixes)
+    p_ref = np.take_along_axis(np.exp(log_ref - log_ref.max(-1, keepdims=True)), pairs, axis=1)
+    if q_type:
+        logits = np.take_along_axis(at_last(value, prefixes), pairs[:, :, None], axis=1)
+    else:
+        logits = np.stack([at_last(value, [p + [t] for p, t in zip(prefixes, pairs[:, j])]) for j in (0, 1)], 1)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)  # [n, 2, atoms]
+    atoms, eta = np.asarray(cfg.head.atoms, np.float64), cfg.algorithm.eta
+    offsets = {"pretrained": np.zeros(pairs.shape), "cd": probs @ atoms / eta,
+               "qsharp": np.log(probs @ np.exp(atoms / eta))}
+    for i, (*_, ahead) in enumerate(points):
+        row = next(r for r in rows if r["carries_ahead"] == ahead)
+        assert row["decisions"] == 1
+        for method, offset in offsets.items():
+            w = p_ref[i] * np.exp(offset[i])
+            assert row[method] == pytest.approx(w[0] / w.sum(), rel=1e-4, abs=1e-6), method
+        assert [row["value_kept"], row["value_lost"]] == pytest.approx(probs[i] @ atoms, rel=1e-4, abs=1e-6)

@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import optimized
 
 from experiments.star_graph import harness as exp
 from experiments.star_graph import warmup
@@ -128,7 +129,8 @@ def shortcut(tmp_path_factory):
     """(π_ref, train split, 500 held-out graphs)."""
     cfg = tiny(tmp_path_factory.mktemp("shortcut"), **SHORTCUT)
     train_split, test_split = sg.make_splits(cfg.graph, train=cfg.train_graphs, test=500, seed=0)
-    return exp.pretrain_reference(cfg, train_split, progress=False), train_split, test_split
+    with optimized():
+        return exp.pretrain_reference(cfg, train_split, progress=False), train_split, test_split
 
 
 @pytest.mark.xdist_group("shortcut")
@@ -151,8 +153,9 @@ def test_value_warm_up_learns_which_steps_are_edges(tmp_path, shortcut):
 
     value = value_from_reference(ref, cfg.head, seed=1)
     before = accuracy(value)
-    after = accuracy(warmup.pretrain_value(cfg.value_pretrain, cfg.graph, value, train_split, seed=cfg.seed,
-                                           progress=False))
+    with optimized():
+        value = warmup.pretrain_value(cfg.value_pretrain, cfg.graph, value, train_split, seed=cfg.seed, progress=False)
+    after = accuracy(value)
     assert before < 0.75 and after > 0.9, (before, after)
 
 
