@@ -21,7 +21,7 @@ import dataclasses
 import json
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import jax
 import jax.numpy as jnp
@@ -186,23 +186,26 @@ def _check_rewards(rewards: Any, n: int, task: Task) -> np.ndarray:
 def run(
     cfg: AlgorithmConfig, task: Task, ref: Transformer, value: ValueModel, run_dir: str | Path, *,
     progress: bool = True, mesh: Mesh | None = None, lock: bool = True,
+    diagnostics: Callable[[ValueModel, int], dict[str, float]] | None = None,
 ) -> list[dict[str, float]]:
     """Run (or resume) Algorithm 1 in ``run_dir``; returns the metrics of every iteration.
 
     With a ``mesh``, π_ref and the value model are placed by their logical-axis shardings, the
     train step shards parameters, optimizer state and batches, and rollouts run on the mesh.
     ``lock``: hold ``run_dir``'s :class:`~qsharp_jax.lock.RunLock` while running (False: the
-    caller holds it, as :func:`qsharp_jax.runs.start_or_resume` does).
+    caller holds it, as :func:`qsharp_jax.runs.start_or_resume` does). ``diagnostics(value_model,
+    iteration) -> {name: float}``: more metrics of each iteration's fitted value model (e.g. its
+    loss per response position on held-out data), recorded with that iteration's metrics.
     """
     check_setup(cfg, task, ref, value)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     with RunLock(run_dir) if lock and jax.process_index() == 0 else contextlib.nullcontext():
-        return _run(cfg, task, ref, value, run_dir, progress, mesh)
+        return _run(cfg, task, ref, value, run_dir, progress, mesh, diagnostics)
 
 
 def _run(cfg: AlgorithmConfig, task: Task, ref: Transformer, value: ValueModel, run_dir: Path, progress: bool,
-         mesh: Mesh | None) -> list[dict[str, float]]:
+         mesh: Mesh | None, diagnostics) -> list[dict[str, float]]:
     config = config_lib.as_json(cfg)
     store = RolloutStore(run_dir / "data")
     checkpoints = Checkpoints(run_dir / "checkpoints", keep=cfg.keep_checkpoints, writer=True)
@@ -237,7 +240,8 @@ def _run(cfg: AlgorithmConfig, task: Task, ref: Transformer, value: ValueModel, 
             state = jax.tree.map(jnp.copy, fresh)
         state, fitted = _fit(cfg, state, train_epoch, store.load(), iteration, progress, extra)
         metrics = _strict({"iteration": iteration, "examples": len(store), **fitted,
-                           **evaluate(cfg, task, ref, state, iteration)})
+                           **evaluate(cfg, task, ref, state, iteration),
+                           **(diagnostics(state.model(), iteration) if diagnostics else {})})
         history.append(metrics)
         with SummaryWriter(str(run_dir / "tensorboard")) as writer:
             for name, value_ in metrics.items():

@@ -1,5 +1,7 @@
 """Value models: heads, candidate scoring against the KV cache, loading and sharding."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -119,3 +121,41 @@ def test_commit_candidate_equals_extend(llama_dir):
     # and the next step sees the same thing
     nxt = _ids(7, (2, 1))
     np.testing.assert_allclose(value.extend(nxt, committed)[0], value.extend(nxt, extended)[0], atol=1e-5)
+
+
+def test_identity_qk_init_sets_only_queries_and_keys():
+    """ModelSpec.qk_identity: head h's query and key weights are s × rows h·D … (h+1)·D of the
+    identity (q[h, d, e] = s·[h·D + d = e]), their biases 0, every other parameter the random init;
+    bad uses are refused."""
+    from flax import nnx
+
+    from qsharp_jax.models.build import ModelSpec, build_reference, build_value
+    from qsharp_jax.models.transformer import Transformer, TransformerConfig, identity_qk
+
+    spec = ModelSpec(architecture="gpt2", vocab_size=11, hidden_size=16, num_layers=2, num_heads=4, mlp_dim=32,
+                     max_positions=16, seed=3)
+    head = HeadConfig("categorical", 5)
+    plain, shaped = build_value(spec, head), build_value(dataclasses.replace(spec, qk_identity=3.0), head)
+    h, d, e = 4, 4, 16
+    expected = np.zeros((h, d, e))
+    for i in range(h):
+        for j in range(d):
+            expected[i, j, i * d + j] = 3.0
+    changed = {"q", "k", "q_bias", "k_bias"}
+    for a, b in zip(plain.backbone.layers, shaped.backbone.layers):
+        for name in ("q", "k"):
+            np.testing.assert_array_equal(np.asarray(getattr(b, name)[...]), expected)
+            np.testing.assert_array_equal(np.asarray(getattr(b, f"{name}_bias")[...]), 0)
+        for name, var in vars(a).items():
+            if isinstance(var, nnx.Param) and name not in changed:
+                np.testing.assert_array_equal(np.asarray(var[...]), np.asarray(getattr(b, name)[...]))
+    ref = build_reference(dataclasses.replace(spec, architecture="llama", qk_identity=0.5))
+    np.testing.assert_array_equal(np.asarray(ref.layers[0].k[...]), expected / 6)
+    with pytest.raises(ValueError, match="qk_identity=1.0 initializes a fresh model"):
+        ModelSpec(hf_path="/some/checkpoint", qk_identity=1.0)
+    with pytest.raises(ValueError, match="qk_identity must be >= 0"):
+        ModelSpec(qk_identity=-1.0)
+    gqa = TransformerConfig(vocab_size=11, hidden_size=16, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=4,
+                            mlp_dim=32, max_positions=16)
+    with pytest.raises(ValueError, match="num_kv_heads == num_heads"):
+        identity_qk(Transformer(gqa, rngs=nnx.Rngs(0)), 3.0)

@@ -14,7 +14,6 @@ import argparse
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from experiments.star_graph import harness
@@ -66,9 +65,6 @@ def main() -> None:
                                                            warmup_steps=args.warmup_steps))
     state = train.init_state(value, optimizer, jax.random.key(0))
     epoch = train.make_train_epoch(objectives.value_loss, optimizer)
-    atoms = cfg.head.atoms
-    success = jax.jit(lambda m, t, a: jax.nn.softmax(m(t, a)) @ atoms)  # [N, T]
-
     first = cfg.graph.prompt_length - 1  # the prefix ending at "=": the value before the answer
     positions = range(first, first + cfg.graph.answer_length + 1)
     r = held["rewards"]
@@ -76,12 +72,8 @@ def main() -> None:
     print("epoch  " + " ".join(f"{p - first:>6d}" for p in positions) + "   (answer position; 0 = before it)")
 
     def report(tag: str) -> None:
-        model = state.model()
-        p = np.concatenate([np.asarray(success(model, jnp.asarray(held["tokens"][i : i + 1000]),
-                                               jnp.asarray(held["attention_mask"][i : i + 1000])))
-                            for i in range(0, len(r), 1000)])
-        p = np.clip(p, 1e-6, 1 - 1e-6)
-        ce = [-np.mean(r * np.log(p[:, t]) + (1 - r) * np.log(1 - p[:, t])) for t in positions]
+        p = harness.success_probabilities(state.model(), held["tokens"], held["attention_mask"])
+        ce = harness.position_cross_entropy(p, r, held["attention_mask"], positions)
         print(f"{tag:>5}  " + " ".join(f"{c:6.3f}" for c in ce), flush=True)
 
     report("init")

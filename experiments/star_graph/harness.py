@@ -183,6 +183,61 @@ def evaluate(
             "kl": float(np.concatenate(kls).mean())}
 
 
+# --------------------------------------------------------------------------- value-fit diagnostics
+
+_success = jax.jit(lambda model, tokens, mask: jax.nn.softmax(model(tokens, mask)) @ model.head_cfg.atoms)
+
+
+def success_probabilities(value, tokens: np.ndarray, mask: np.ndarray, batch: int = 1000) -> np.ndarray:
+    """A categorical V-type value model's predicted success probability (its mean return, rewards
+    in [0, 1]) of every prefix: float ``[N, T]``."""
+    return np.concatenate([np.asarray(_success(value, jnp.asarray(tokens[i : i + batch]), jnp.asarray(mask[i : i + batch])))
+                           for i in range(0, len(tokens), batch)])
+
+
+def position_cross_entropy(p: np.ndarray, rewards: np.ndarray, mask: np.ndarray, positions) -> list[float]:
+    """Binary cross-entropy of success probabilities ``p [N, T]`` against 0/1 ``rewards [N]`` at each
+    of ``positions``, over the rows whose ``mask [N, T]`` holds there (chance: the binary entropy of
+    the success rate, ln 2 at 1/2)."""
+    p = np.clip(p, 1e-6, 1 - 1e-6)
+    ce = -(rewards[:, None] * np.log(p) + (1 - rewards[:, None]) * np.log(1 - p))
+    return [float(ce[mask[:, t], t].mean()) for t in positions]
+
+
+def fit_by_position(cfg: StarGraphConfig, ref: Transformer, split: sg.Split, n: int = 1000):
+    """``diagnostics(value_model, iteration)`` for :func:`qsharp_jax.algorithm.run`: the value's
+    cross-entropy at each answer position (``value_ce_0``: the prefix ending at "=", before the
+    first answer token; ``value_ce_k``: after k answer tokens) on one π_ref answer to each of the
+    first ``n`` graphs of ``split`` (held out: test graphs), and ``value_ce_chance``."""
+    prompts = split.prompts[:n]
+    out = sample(cfg, ref, prompts, np.ones(prompts.shape, bool), jax.random.key(cfg.seed + 8))
+    rewards, _ = sg.score(cfg.graph, split.answers[:n], np.asarray(out.tokens), np.asarray(out.mask))
+    tokens = np.concatenate([prompts, np.asarray(out.tokens)], axis=1)
+    mask = np.concatenate([np.ones(prompts.shape, bool), np.asarray(out.mask)], axis=1)
+    first = cfg.graph.prompt_length - 1
+    positions = range(first, first + cfg.graph.answer_length + 1)
+    rate = float(np.clip(rewards.mean(), 1e-6, 1 - 1e-6))
+    chance = -(rate * np.log(rate) + (1 - rate) * np.log(1 - rate))
+
+    def diagnostics(value, iteration: int) -> dict[str, float]:
+        ce = position_cross_entropy(success_probabilities(value, tokens, mask), rewards, mask, positions)
+        return {"value_ce_chance": float(chance), **{f"value_ce_{k}": c for k, c in enumerate(ce)}}
+
+    return diagnostics
+
+
+def fit_table(history: list[dict[str, Any]]) -> str:
+    """The per-position cross-entropies of :func:`fit_by_position` per iteration, as Markdown."""
+    keys = sorted((k for k in history[0] if k.startswith("value_ce_") and k != "value_ce_chance"),
+                  key=lambda k: int(k.rsplit("_", 1)[1]))
+    lines = ["", "Q♯'s value model: cross-entropy at each answer position (0: before the answer) on π_ref's answers "
+             f"to held-out graphs, after each iteration's fit (chance {history[0]['value_ce_chance']:.3f})", "",
+             "| iteration | " + " | ".join(k.rsplit("_", 1)[1] for k in keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    lines += [f"| {h['iteration']} | " + " | ".join("–" if h[k] is None else f"{h[k]:.3f}" for k in keys) + " |"
+              for h in history]
+    return "\n".join(lines) + "\n"
+
+
 # --------------------------------------------------------------------------- π_ref
 
 
@@ -239,7 +294,11 @@ def run(cfg: StarGraphConfig, *, progress: bool = True) -> dict[str, Any]:
             build_value(cfg.value, cfg.head)
         if cfg.value_pretrain.walks and cfg.value_pretrain.epochs:
             value = pretrain_value(cfg.value_pretrain, g, value, train_split, seed=cfg.seed, progress=progress)
-        algorithm.run(cfg.qsharp, task, ref, value, run_dir / "qsharp", progress=progress)
+        history = algorithm.run(cfg.qsharp, task, ref, value, run_dir / "qsharp", progress=progress,
+                                diagnostics=fit_by_position(cfg, ref, test_split) if not cfg.head.q_type else None)
+        if not cfg.head.q_type:
+            results["value_fit"] = [{k: h[k] for k in h if k == "iteration" or k.startswith("value_ce_")}
+                                    for h in history]
         state, _ = algorithm.latest_state(cfg.qsharp, value, run_dir / "qsharp")
         for name, guidance in (("qsharp", "qsharp"), ("cd", "cd")):
             if name in todo:
@@ -280,7 +339,7 @@ def write_table(results: dict[str, Any], path: Path) -> str:
         if m is not None:
             lines.append(f"| {LABELS[name]} | {m['test_accuracy']:.3f} | {m['first_step_accuracy']:.3f} | "
                          f"{m['kl']:.3f} | {results['seconds'].get(name, float('nan')):.0f} |")
-    text = "\n".join(lines) + "\n"
+    text = "\n".join(lines) + "\n" + (fit_table(results["value_fit"]) if results.get("value_fit") else "")
     atomic_write(path, lambda f: f.write(text.encode()))
     return text
 

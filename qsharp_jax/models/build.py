@@ -13,7 +13,7 @@ from flax import nnx
 from qsharp_jax.models import gpt2
 from qsharp_jax.models.hf import config_from_hf, from_hf, read_config
 from qsharp_jax.models.presets import check_matches, preset_config
-from qsharp_jax.models.transformer import Transformer, TransformerConfig
+from qsharp_jax.models.transformer import Transformer, TransformerConfig, identity_qk
 from qsharp_jax.models.value import HeadConfig, ValueModel, value_from_hf, value_from_scratch
 
 
@@ -32,6 +32,10 @@ class ModelSpec:
         dimension = hidden_size / num_heads).
       seed: of the random initialization (and of a value model's fresh head).
       dtype: of the parameters (``bfloat16`` halves their memory; logits are float32 either way).
+      qk_identity: a fresh model's query and key projections start as this multiple of the
+        identity, so attention starts as token matching
+        (:func:`~qsharp_jax.models.transformer.identity_qk`); 0: the usual random init. For models
+        that must learn look-ups from a random start (e.g. a star-graph value model).
     """
 
     hf_path: str | None = None
@@ -45,10 +49,16 @@ class ModelSpec:
     max_positions: int = 64
     seed: int = 0
     dtype: Literal["float32", "bfloat16"] = "float32"
+    qk_identity: float = 0.0
 
     def __post_init__(self):
         if self.preset:
             preset_config(self.preset)  # an unknown name fails with the known ones
+        if self.qk_identity and self.hf_path:
+            raise ValueError(f"qk_identity={self.qk_identity} initializes a fresh model; {self.hf_path} brings "
+                             "its own weights: set qk_identity=0 or drop hf_path")
+        if self.qk_identity < 0:
+            raise ValueError(f"qk_identity must be >= 0 (0: random init), got {self.qk_identity}")
 
     def transformer_config(self) -> TransformerConfig:
         """The architecture: ``hf_path``'s config.json when the directory is there, else the
@@ -80,7 +90,8 @@ def build_reference(spec: ModelSpec, dtype=None) -> Transformer:
         if spec.preset:
             check_matches(spec.preset, read_config(spec.hf_path), spec.hf_path)
         return from_hf(spec.hf_path, dtype=dtype)
-    return Transformer(spec.transformer_config(), dtype=dtype, rngs=nnx.Rngs(spec.seed))
+    model = Transformer(spec.transformer_config(), dtype=dtype, rngs=nnx.Rngs(spec.seed))
+    return identity_qk(model, spec.qk_identity) if spec.qk_identity else model
 
 
 def build_value(spec: ModelSpec, head: HeadConfig, dtype=None) -> ValueModel:
@@ -89,7 +100,10 @@ def build_value(spec: ModelSpec, head: HeadConfig, dtype=None) -> ValueModel:
         if spec.preset:
             check_matches(spec.preset, read_config(spec.hf_path), spec.hf_path)
         return value_from_hf(spec.hf_path, head, seed=spec.seed, dtype=dtype)
-    return value_from_scratch(spec.transformer_config(), head, seed=spec.seed, dtype=dtype)
+    value = value_from_scratch(spec.transformer_config(), head, seed=spec.seed, dtype=dtype)
+    if spec.qk_identity:
+        identity_qk(value.backbone, spec.qk_identity)
+    return value
 
 
 def clone(module: nnx.Module) -> nnx.Module:

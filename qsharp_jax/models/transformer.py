@@ -261,6 +261,28 @@ def _heads_major(x: jax.Array) -> jax.Array:
 AttendFn = Callable[[jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
 
 
+def identity_qk(model: "Transformer", scale: float) -> "Transformer":
+    """Set every layer's query and key projections to ``scale`` × identity (in place; returns
+    ``model``): head h's query and key are then ``scale`` times dimensions ``h·D … (h+1)·D`` of the
+    normed input, so attention starts out as token matching (a position attends to positions that
+    hold the same token), the step that look-up circuits otherwise take long to find from a random
+    start. Needs ``num_heads · head_dim == hidden_size`` and as many key-value heads as query heads.
+    """
+    cfg = model.cfg
+    E, H, K, D = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    if H * D != E or K != H:
+        raise ValueError(f"identity query/key initialization needs num_heads·head_dim == hidden_size and "
+                         f"num_kv_heads == num_heads; got {H}·{D} vs {E}, {K} key-value heads")
+    for block in model.layers:
+        for name in ("q", "k"):
+            var = getattr(block, name)
+            var[...] = (scale * jnp.eye(E, dtype=jnp.float32).reshape(H, D, E)).astype(var[...].dtype)
+            bias = getattr(block, f"{name}_bias", None)
+            if bias is not None:
+                bias[...] = jnp.zeros_like(bias[...])
+    return model
+
+
 class Transformer(nnx.Module):
     """Decoder-only LM. ``model(input_ids [B, T] int32, attention_mask=None) -> logits [B, T, V] f32``."""
 

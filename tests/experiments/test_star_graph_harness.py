@@ -74,6 +74,15 @@ def test_every_method_runs_and_results_are_written_then_resumed(tmp_path, monkey
     assert json.loads((tmp_path / "results.json").read_text())["methods"] == results["methods"]
     table = (tmp_path / "results.md").read_text()
     assert all(label in table for label in exp.LABELS.values())
+    # the value fit per answer position: what the final fitted value model scores on held-out graphs
+    (fitted,) = results["value_fit"]
+    assert set(fitted) == {"iteration", "value_ce_chance", *(f"value_ce_{k}" for k in range(7))}
+    train_split, test_split = sg.make_splits(cfg.graph, train=cfg.train_graphs, test=cfg.test_graphs, seed=cfg.seed)
+    value = value_from_reference(build_reference(cfg.reference), cfg.head, seed=cfg.value.seed)
+    state, _ = algorithm.latest_state(cfg.qsharp, value, tmp_path / "qsharp")
+    again = exp.fit_by_position(cfg, exp.pretrain_reference(cfg, train_split, progress=False), test_split)
+    assert again(state.model(), 0) == pytest.approx({k: v for k, v in fitted.items() if k != "iteration"})
+    assert "cross-entropy at each answer position" in table
     assert (tmp_path / "accuracy.png").stat().st_size > 1000
     # a third run finds every result and trains nothing
     monkeypatch.setattr(exp, "evaluate", lambda *a, **k: pytest.fail("re-evaluated a finished method"))
@@ -81,6 +90,13 @@ def test_every_method_runs_and_results_are_written_then_resumed(tmp_path, monkey
     assert exp.run(cfg, progress=False)["methods"] == results["methods"]
     with pytest.raises(ValueError, match=r"results.json was written with another config; fields that differ: seed"):
         exp.run(tiny(tmp_path, seed=1), progress=False)
+
+
+def test_position_cross_entropy_is_the_masked_mean_at_each_position():
+    p = np.array([[0.5, 0.9], [0.2, 0.1]])
+    mask = np.array([[True, True], [True, False]])
+    ce = exp.position_cross_entropy(p, np.array([1.0, 0.0]), mask, [0, 1])
+    assert ce == pytest.approx([-(np.log(0.5) + np.log(0.8)) / 2, -np.log(0.9)])
 
 
 def test_bad_configs_are_refused(tmp_path):
