@@ -151,7 +151,7 @@ def test_identity_qk_init_sets_only_queries_and_keys():
                 np.testing.assert_array_equal(np.asarray(var[...]), np.asarray(getattr(b, name)[...]))
     ref = build_reference(dataclasses.replace(spec, architecture="llama", qk_identity=0.5))
     np.testing.assert_array_equal(np.asarray(ref.layers[0].k[...]), expected / 6)
-    with pytest.raises(ValueError, match="qk_identity=1.0 initializes a fresh model"):
+    with pytest.raises(ValueError, match="qk_identity=1.0 shapes a fresh model"):
         ModelSpec(hf_path="/some/checkpoint", qk_identity=1.0)
     with pytest.raises(ValueError, match="qk_identity must be >= 0"):
         ModelSpec(qk_identity=-1.0)
@@ -159,3 +159,37 @@ def test_identity_qk_init_sets_only_queries_and_keys():
                             mlp_dim=32, max_positions=16)
     with pytest.raises(ValueError, match="num_kv_heads == num_heads"):
         identity_qk(Transformer(gqa, rngs=nnx.Rngs(0)), 3.0)
+
+
+def test_token_shift_adds_the_embedding_of_the_real_token_n_back():
+    """TransformerConfig.token_shift = n: position t's input gains shift_embed[token at t − n]
+    (nothing where there is no real token that far back). Checked against the same model without
+    the option whose word embedding carries the shift by hand (one token type per position), and
+    left padding changes nothing; the KV-cache paths refuse such a model."""
+    from flax import nnx
+
+    from qsharp_jax.models.build import ModelSpec, build_reference
+
+    spec = ModelSpec(architecture="gpt2", vocab_size=7, hidden_size=16, num_layers=2, num_heads=4, mlp_dim=32,
+                     max_positions=16, seed=3)
+    shifted, plain = build_reference(dataclasses.replace(spec, token_shift=2)), build_reference(spec)
+    ids = np.array([[1, 4, 2, 6, 4, 0]])
+    # by hand: a vocabulary of (token, token 2 back) pairs, one per position, embedded as the sum
+    pairs = [(int(t), int(ids[0, i - 2]) if i >= 2 else None) for i, t in enumerate(ids[0])]
+    table = np.stack([np.asarray(shifted.embed[...])[t] + (0 if b is None else np.asarray(shifted.shift_embed[...])[b])
+                      for t, b in pairs])
+    plain.embed = nnx.Param(jnp.asarray(table))
+    for a, b in zip(shifted.layers, plain.layers):  # same seed: every other parameter is equal already
+        for name, var in vars(a).items():
+            if isinstance(var, nnx.Param):
+                np.testing.assert_array_equal(np.asarray(var[...]), np.asarray(getattr(b, name)[...]))
+    by_hand = plain.hidden(jnp.arange(len(pairs))[None])
+    np.testing.assert_allclose(np.asarray(shifted.hidden(jnp.asarray(ids))), np.asarray(by_hand), atol=1e-5)
+    padded = np.concatenate([np.full((1, 3), 5), ids], axis=1)
+    mask = np.arange(padded.shape[1])[None] >= 3
+    np.testing.assert_allclose(np.asarray(shifted.hidden(jnp.asarray(padded), jnp.asarray(mask)))[:, 3:],
+                               np.asarray(by_hand), atol=1e-5)
+    with pytest.raises(ValueError, match="token_shift=2 model runs on whole sequences only"):
+        shifted.extend(jnp.asarray(ids), shifted.init_cache(1, 8))
+    with pytest.raises(ValueError, match="token_shift must be >= 0"):
+        dataclasses.replace(shifted.cfg, token_shift=-1)

@@ -1,38 +1,63 @@
-"""How fast a fresh value model learns the star graph's reward-free edge check (is each step of a
-random walk after the prompt an edge of the prompt? :func:`warmup.edge_walks`), with and without
-an architecture option — the first look-up the outcome value needs. Prints held-out accuracy on
-1,000 unseen graphs' walks every ``--every`` steps (chance ≈ 0.5).
+"""How fast a fresh value model learns what Q♯'s star-graph value needs, with and without the
+value model's architecture options (``ModelSpec.qk_identity``, ``ModelSpec.token_shift``):
 
-    python -m experiments.star_graph.walk_probe --qk-identity 3 --seed 1
+* ``--labels edges``: the reward-free edge check (is each step of a random walk after the prompt
+  an edge of the prompt? :func:`warmup.edge_walks`) — the first look-up the outcome value needs;
+  prints held-out accuracy (chance ≈ 0.5).
+* ``--labels outcome``: the outcome value itself, on answers of a shortcut π_ref simulated exactly
+  (a uniformly drawn first step, then along that arm, the goal copied last, as the pretrained π_ref
+  of ``make demo`` does), labelled by correctness at every answer position; prints the held-out
+  cross-entropy per answer position (0: before the answer; chance ln 2 ≈ 0.693 on G(2, ·)).
+
+Fresh graphs every step (training prompts drawn from 50k), 1,000 unseen test graphs.
+
+    python -m experiments.star_graph.walk_probe --qk-identity 3 --token-shift 2 --seed 1
 """
 
 import argparse
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from experiments.star_graph import warmup
-from qsharp_jax import train
+from experiments.star_graph import harness, warmup
+from qsharp_jax import objectives, train
 from qsharp_jax.models.build import ModelSpec, build_value
 from qsharp_jax.models.value import HeadConfig
 from qsharp_jax.tasks import star_graph as sg
 
 
+def shortcut_answers(cfg: sg.GraphConfig, split: sg.Split, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """A shortcut π_ref's answer to each graph of ``split`` (first step uniform over the arms, then
+    along it, the goal last) as value-fit data: ``tokens`` / ``attention_mask`` / ``loss_mask``
+    ``[n, P + A]`` (the loss on every prefix from the prompt's "=" on) and 0/1 ``rewards [n]``."""
+    g, n = split.graphs, len(split.prompts)
+    arm = rng.integers(0, cfg.degree, n)
+    path = g.arms[np.arange(n), arm].copy()
+    path[:, -1] = g.goal
+    answers = sg.encode_answers(cfg, path)
+    tokens = np.concatenate([split.prompts, answers], axis=1)
+    loss_mask = np.zeros(tokens.shape, bool)
+    loss_mask[:, cfg.prompt_length - 1:] = True
+    return {"tokens": tokens, "attention_mask": np.ones(tokens.shape, bool), "loss_mask": loss_mask,
+            "rewards": (answers == split.answers).all(axis=1).astype(np.float32)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--labels", choices=("edges", "outcome"), default="edges")
     parser.add_argument("--degree", type=int, default=2)
     parser.add_argument("--path-length", type=int, default=5)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--qk-identity", type=float, default=0.0, help="ModelSpec.qk_identity (0: random init)")
+    parser.add_argument("--token-shift", type=int, default=0, help="ModelSpec.token_shift (0: none)")
     parser.add_argument("--steps", type=int, default=640)
     parser.add_argument("--every", type=int, default=160)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--seed", type=int, default=1, help="of the value model's init and the walks")
+    parser.add_argument("--seed", type=int, default=1, help="of the value model's init and the data")
     args = parser.parse_args()
 
     graph = sg.GraphConfig(degree=args.degree, path_length=args.path_length, num_nodes=50)
@@ -41,27 +66,40 @@ def main() -> None:
     spec = ModelSpec(architecture="gpt2", vocab_size=sg.Vocabulary(graph.num_nodes).size, hidden_size=args.width,
                      num_layers=args.layers, num_heads=args.heads, mlp_dim=4 * args.width,
                      max_positions=graph.prompt_length + 2 * graph.path_length, seed=args.seed,
-                     qk_identity=args.qk_identity)
-    held = warmup.edge_walks(graph, test_split.prompts, np.random.default_rng([args.seed, 1]))
-    p_edge = jax.jit(lambda m, t, a: jax.nn.softmax(m(t, a)) @ head.atoms)
+                     qk_identity=args.qk_identity, token_shift=args.token_shift)
+    rng = np.random.default_rng([args.seed, 2])
+    if args.labels == "edges":
+        def make_data(split):
+            return warmup.edge_walks(graph, split.prompts, rng)
+        loss = warmup.walk_loss
+    else:
+        def make_data(split):
+            return shortcut_answers(graph, split, rng)
+        loss = objectives.value_loss
+    held = make_data(test_split)
+    first = graph.prompt_length - 1
 
-    def accuracy(model) -> float:
-        p = np.asarray(p_edge(model, jnp.asarray(held["tokens"]), jnp.asarray(held["attention_mask"])))
-        m = held["loss_mask"]
-        return float(((p[m] > 0.5) == (held["returns"][m] > 0.5)).mean())
+    def score(model) -> str:
+        p = harness.success_probabilities(model, held["tokens"], held["attention_mask"])
+        if args.labels == "edges":
+            m = held["loss_mask"]
+            return f"accuracy {((p[m] > 0.5) == (held['returns'][m] > 0.5)).mean():.3f}"
+        positions = range(first, first + graph.answer_length + 1)
+        ce = harness.position_cross_entropy(p, held["rewards"], held["attention_mask"], positions)
+        return "cross-entropy by answer position " + " ".join(f"{c:.3f}" for c in ce)
 
     optimizer = train.make_optimizer(train.OptimizerConfig(learning_rate=args.lr, weight_decay=0.0, warmup_steps=50))
     state = train.init_state(build_value(spec, head), optimizer, jax.random.key(args.seed))
-    epoch = train.make_train_epoch(warmup.walk_loss, optimizer)
-    rng = np.random.default_rng([args.seed, 2])
+    epoch = train.make_train_epoch(loss, optimizer)
     started = time.time()
-    print(f"G({args.degree}, {args.path_length}), {args.layers}×{args.width}, qk_identity={args.qk_identity:g}, "
-          f"seed {args.seed}: step 0 accuracy {accuracy(state.model()):.3f}", flush=True)
+    print(f"{args.labels}, G({args.degree}, {args.path_length}), {args.layers}×{args.width}, "
+          f"qk_identity={args.qk_identity:g}, token_shift={args.token_shift}, seed {args.seed}: step 0 "
+          f"{score(state.model())}", flush=True)
     for done in range(args.every, args.steps + 1, args.every):
-        prompts = train_split.prompts[rng.integers(0, len(train_split.prompts), args.every * args.batch_size)]
-        state, _ = train.fit(state, epoch, warmup.edge_walks(graph, prompts, rng), epochs=1,
-                             batch_size=args.batch_size, rng=rng, progress=False)
-        print(f"step {done}: accuracy {accuracy(state.model()):.3f} ({time.time() - started:.0f} s)", flush=True)
+        rows = rng.integers(0, len(train_split.prompts), args.every * args.batch_size)
+        state, _ = train.fit(state, epoch, make_data(train_split.take(rows)), epochs=1, batch_size=args.batch_size,
+                             rng=rng, progress=False)
+        print(f"step {done}: {score(state.model())} ({time.time() - started:.0f} s)", flush=True)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,9 @@ class ModelSpec:
         identity, so attention starts as token matching
         (:func:`~qsharp_jax.models.transformer.identity_qk`); 0: the usual random init. For models
         that must learn look-ups from a random start (e.g. a star-graph value model).
+      token_shift: a fresh model's inputs also embed the token this many positions back
+        (:class:`~qsharp_jax.models.transformer.TransformerConfig`; whole sequences only: a value
+        model to fit and probe, not one that guides decoding yet); 0: none.
     """
 
     hf_path: str | None = None
@@ -50,13 +53,15 @@ class ModelSpec:
     seed: int = 0
     dtype: Literal["float32", "bfloat16"] = "float32"
     qk_identity: float = 0.0
+    token_shift: int = 0
 
     def __post_init__(self):
         if self.preset:
             preset_config(self.preset)  # an unknown name fails with the known ones
-        if self.qk_identity and self.hf_path:
-            raise ValueError(f"qk_identity={self.qk_identity} initializes a fresh model; {self.hf_path} brings "
-                             "its own weights: set qk_identity=0 or drop hf_path")
+        for name in ("qk_identity", "token_shift"):
+            if getattr(self, name) and self.hf_path:
+                raise ValueError(f"{name}={getattr(self, name)} shapes a fresh model; {self.hf_path} brings its own "
+                                 f"architecture and weights: set {name}=0 or drop hf_path")
         if self.qk_identity < 0:
             raise ValueError(f"qk_identity must be >= 0 (0: random init), got {self.qk_identity}")
 
@@ -71,16 +76,16 @@ class ModelSpec:
         if self.preset:
             return config_from_hf(preset_config(self.preset))
         if self.architecture == "gpt2":
-            return gpt2.config_from_hf({
+            return dataclasses.replace(gpt2.config_from_hf({
                 "vocab_size": self.vocab_size, "n_embd": self.hidden_size, "n_layer": self.num_layers,
                 "n_head": self.num_heads, "n_inner": self.mlp_dim, "n_positions": self.max_positions,
-            })
+            }), token_shift=self.token_shift)
         if self.architecture != "llama":
             raise ValueError(f"architecture must be 'llama' or 'gpt2', got {self.architecture!r}")
         return TransformerConfig(
             vocab_size=self.vocab_size, hidden_size=self.hidden_size, num_layers=self.num_layers,
             num_heads=self.num_heads, num_kv_heads=self.num_heads, head_dim=self.hidden_size // self.num_heads,
-            mlp_dim=self.mlp_dim, max_positions=self.max_positions,
+            mlp_dim=self.mlp_dim, max_positions=self.max_positions, token_shift=self.token_shift,
         )
 
 

@@ -61,6 +61,11 @@ class TransformerConfig:
       tie_embeddings: the LM head is the embedding's transpose.
       sliding_window: Mistral's attention window (None: full attention).
       model_type: the Hugging Face family name, for messages and loading.
+      token_shift: > 0 adds to each position's input a second embedding of the real token that
+        many positions back (a "token shift": a pair of tokens in one position, e.g. an edge's two
+        ends in "a,b" with 2), so a look-up on the pair needs no previous-token head first; 0:
+        none (every pretrained family). Whole sequences only: such a model is fitted and scored
+        by :meth:`Transformer.hidden`, not decoded from a KV cache.
     """
 
     vocab_size: int
@@ -84,12 +89,15 @@ class TransformerConfig:
     tie_embeddings: bool = False
     sliding_window: int | None = None
     model_type: str = "llama"
+    token_shift: int = 0
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"unsupported activation {self.activation!r}; supported: {sorted(ACTIVATIONS)}")
+        if self.token_shift < 0:
+            raise ValueError(f"token_shift must be >= 0 (0: none), got {self.token_shift}")
         if self.positions == "rope" and self.head_dim % 2:
             raise ValueError(f"RoPE needs an even head_dim, got {self.head_dim}")
         rope_inv_freq(self)  # validates the rope scaling
@@ -299,6 +307,8 @@ class Transformer(nnx.Module):
             self.final_norm_bias = _init_param(rngs, (E,), ("embed",), "zeros", dtype)
         if not cfg.tie_embeddings:
             self.lm_head = _init_param(rngs, (cfg.vocab_size, E), ("vocab", "embed"), "normal", dtype)
+        if cfg.token_shift:  # drawn last: the other parameters equal those of the same seed without it
+            self.shift_embed = _init_param(rngs, (cfg.vocab_size, E), ("vocab", "embed"), "normal", dtype)
 
     # ---------------------------------------------------------------- public API
 
@@ -318,7 +328,12 @@ class Transformer(nnx.Module):
         def attend(q, k, v, _):
             return attention(q, _heads_major(k), _heads_major(v), allowed), None
 
-        x, _ = self._run(input_ids, positions, attend, None)
+        back = None
+        if self.cfg.token_shift:  # the real token token_shift slots back (padding is contiguous), else none
+            n = self.cfg.token_shift
+            real = jnp.pad(mask, ((0, 0), (n, 0)))[:, :t] & mask
+            back = jnp.where(real, jnp.pad(input_ids, ((0, 0), (n, 0)))[:, :t], -1)
+        x, _ = self._run(input_ids, positions, attend, None, back)
         return x
 
     def init_cache(self, batch: int, max_len: int) -> KVCache:
@@ -350,6 +365,7 @@ class Transformer(nnx.Module):
         Writing past ``cache.max_len`` raises when the slot index is concrete; under jit it makes
         the returned hidden states NaN (a host check per decoded token would cost too much).
         """
+        self._whole_sequences_only("extend_hidden")
         input_ids, mask = self._check_ids(input_ids, attention_mask)
         self._check_cache(cache, input_ids.shape[0])
         t, slots = input_ids.shape[1], cache.max_len
@@ -393,6 +409,7 @@ class Transformer(nnx.Module):
         cache is not changed; with ``return_kv`` the candidates' keys/values (per layer
         ``[B, kv_heads, k, head_dim]``) come back too, for :meth:`commit_candidate`.
         """
+        self._whole_sequences_only("candidates_hidden")
         candidate_ids, _ = self._check_ids(candidate_ids, None)
         self._check_cache(cache, candidate_ids.shape[0])
         positions = jnp.broadcast_to(cache.positions[:, None], candidate_ids.shape)
@@ -425,6 +442,7 @@ class Transformer(nnx.Module):
           branches cost one extra token each instead of one forward each (what a V-type Bellman
           target over π_ref's top-k needs at every position).
         """
+        self._whole_sequences_only("branches_hidden")
         input_ids, mask = self._check_ids(input_ids, attention_mask)
         branch_ids = jnp.asarray(branch_ids)
         b, t = input_ids.shape
@@ -508,8 +526,17 @@ class Transformer(nnx.Module):
             return jnp.ones((), bool)
         return (q_positions[:, :, None] - k_positions[:, None, :]) < self.cfg.sliding_window
 
-    def _run(self, input_ids: jax.Array, positions: jax.Array, attend: AttendFn, cache_kv: Any) -> tuple[jax.Array, Any]:
-        """Embed, run the blocks, final norm. ``attend(q, k, v, layer_cache)`` does the attention.
+    def _whole_sequences_only(self, method: str) -> None:
+        if self.cfg.token_shift:
+            raise ValueError(f"{method}: a token_shift={self.cfg.token_shift} model runs on whole sequences only "
+                             "(forward, value fitting); the KV-cache engine (prefill, decoding, candidate scoring, "
+                             "Bellman branches) does not serve it: use token_shift=0 for a model that decodes or "
+                             "guides decoding")
+
+    def _run(self, input_ids: jax.Array, positions: jax.Array, attend: AttendFn, cache_kv: Any,
+             back_ids: jax.Array | None = None) -> tuple[jax.Array, Any]:
+        """Embed (plus the token-shift embedding of ``back_ids``), run the blocks, final norm.
+        ``attend(q, k, v, layer_cache)`` does the attention.
 
         Each block has its own parameter arrays and each layer its own cache buffer: on CPU, XLA
         copies a slice of a stacked ``[layers, ...]`` array before every matmul (3x slower decode
@@ -517,6 +544,9 @@ class Transformer(nnx.Module):
         """
         cfg = self.cfg
         x = jnp.take(self.embed[...], input_ids, axis=0)
+        if back_ids is not None:  # the token-shift embedding; -1: no token that far back
+            shifted = jnp.take(self.shift_embed[...], jnp.maximum(back_ids, 0), axis=0)
+            x = x + jnp.where((back_ids >= 0)[..., None], shifted, 0).astype(x.dtype)
         if cfg.positions == "learned":
             x = x + jnp.take(self.pos_embed[...], positions, axis=0)
         inv_freq = rope_inv_freq(cfg) if cfg.positions == "rope" else None

@@ -200,3 +200,17 @@ def test_miniature_q_sharp_beats_the_shortcut_reference(tmp_path, shortcut):
     assert abs(before["test_accuracy"] - 0.5) < 0.15, before  # the shortcut: a coin flip at the first step
     assert after["test_accuracy"] > before["test_accuracy"] + 0.25, (before, after)
     assert after["kl"] > before["kl"]  # guidance moved away from π_ref to get there
+
+
+def test_simulated_shortcut_answers_are_right_iff_the_first_step_is_on_the_goal_arm():
+    from experiments.star_graph import walk_probe
+
+    graph = sg.GraphConfig(degree=3, path_length=4, num_nodes=20)
+    _, split = sg.make_splits(graph, train=1, test=300, seed=0)
+    data = walk_probe.shortcut_answers(graph, split, np.random.default_rng(0))
+    answers = data["tokens"][:, graph.prompt_length:]
+    first_step, last = answers[:, 2], answers[:, -2]  # src , n1 , … , goal <eos>
+    assert (last == split.graphs.goal).all()
+    np.testing.assert_array_equal(data["rewards"], first_step == split.graphs.path[:, 1])
+    assert abs(data["rewards"].mean() - 1 / 3) < 0.1
+    assert data["loss_mask"][:, graph.prompt_length - 1:].all() and not data["loss_mask"][:, :graph.prompt_length - 1].any()
