@@ -4,6 +4,9 @@ value model's architecture options (``ModelSpec.qk_identity``, ``ModelSpec.token
 * ``--labels edges``: the reward-free edge check (is each step of a random walk after the prompt
   an edge of the prompt? :func:`warmup.edge_walks`) — the first look-up the outcome value needs;
   prints held-out accuracy (chance ≈ 0.5).
+* ``--labels reach --hops k``: on the same simulated answers, at each answer node, whether the
+  goal is reachable from it within k edges (read off the prompt: no reward) — a look-ahead
+  curriculum's k-th stage; prints held-out accuracy at each node of the answer.
 * ``--labels outcome``: the outcome value itself, on answers of a shortcut π_ref simulated exactly
   (a uniformly drawn first step, then along that arm, the goal copied last, as the pretrained π_ref
   of ``make demo`` does), labelled by correctness at every answer position; prints the held-out
@@ -43,9 +46,28 @@ def shortcut_answers(cfg: sg.GraphConfig, split: sg.Split, rng: np.random.Genera
             "rewards": (answers == split.answers).all(axis=1).astype(np.float32)}
 
 
+def reach_labels(cfg: sg.GraphConfig, data: dict[str, np.ndarray], hops: int) -> dict[str, np.ndarray]:
+    """:func:`shortcut_answers`' data relabelled: at the prefix ending at answer node j, whether the
+    goal is within ``hops`` edges of that node (per-position ``returns``; ``loss_mask`` at the nodes
+    only). On a shortcut answer node j is L − 1 − j edges from the goal when the answer took the
+    goal's arm (or j = 0, the source), and unreachable otherwise; the last node is the goal."""
+    length = cfg.path_length
+    j = np.arange(length)[None]
+    on_arm = (data["rewards"][:, None] > 0) | (j == 0) | (j == length - 1)
+    reachable = on_arm & (length - 1 - j <= hops)
+    returns = np.zeros(data["tokens"].shape, np.float32)
+    loss_mask = np.zeros(data["tokens"].shape, bool)
+    columns = cfg.prompt_length + 2 * np.arange(length)  # each answer node's own position
+    returns[:, columns] = reachable
+    loss_mask[:, columns] = True
+    return {"tokens": data["tokens"], "attention_mask": data["attention_mask"], "loss_mask": loss_mask,
+            "returns": returns}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--labels", choices=("edges", "outcome"), default="edges")
+    parser.add_argument("--labels", choices=("edges", "reach", "outcome"), default="edges")
+    parser.add_argument("--hops", type=int, default=1, help="with --labels reach")
     parser.add_argument("--degree", type=int, default=2)
     parser.add_argument("--path-length", type=int, default=5)
     parser.add_argument("--layers", type=int, default=4)
@@ -72,6 +94,10 @@ def main() -> None:
         def make_data(split):
             return warmup.edge_walks(graph, split.prompts, rng)
         loss = warmup.walk_loss
+    elif args.labels == "reach":
+        def make_data(split):
+            return reach_labels(graph, shortcut_answers(graph, split, rng), args.hops)
+        loss = warmup.walk_loss
     else:
         def make_data(split):
             return shortcut_answers(graph, split, rng)
@@ -84,6 +110,10 @@ def main() -> None:
         if args.labels == "edges":
             m = held["loss_mask"]
             return f"accuracy {((p[m] > 0.5) == (held['returns'][m] > 0.5)).mean():.3f}"
+        if args.labels == "reach":
+            columns = graph.prompt_length + 2 * np.arange(graph.path_length)
+            right = (p[:, columns] > 0.5) == (held["returns"][:, columns] > 0.5)
+            return "accuracy by answer node " + " ".join(f"{a:.3f}" for a in right.mean(0))
         positions = range(first, first + graph.answer_length + 1)
         ce = harness.position_cross_entropy(p, held["rewards"], held["attention_mask"], positions)
         return "cross-entropy by answer position " + " ".join(f"{c:.3f}" for c in ce)

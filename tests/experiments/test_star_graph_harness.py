@@ -214,3 +214,12 @@ def test_simulated_shortcut_answers_are_right_iff_the_first_step_is_on_the_goal_
     np.testing.assert_array_equal(data["rewards"], first_step == split.graphs.path[:, 1])
     assert abs(data["rewards"].mean() - 1 / 3) < 0.1
     assert data["loss_mask"][:, graph.prompt_length - 1:].all() and not data["loss_mask"][:, :graph.prompt_length - 1].any()
+    # look-ahead labels: node j of a right answer is 3 − j edges from the goal; a wrong answer's
+    # middle nodes never reach it
+    reach = walk_probe.reach_labels(graph, data, hops=1)
+    nodes = graph.prompt_length + 2 * np.arange(4)
+    right = data["rewards"] > 0
+    np.testing.assert_array_equal(reach["returns"][right][:, nodes], np.tile([0, 0, 1, 1], (right.sum(), 1)))
+    np.testing.assert_array_equal(reach["returns"][~right][:, nodes], np.tile([0, 0, 0, 1], ((~right).sum(), 1)))
+    assert walk_probe.reach_labels(graph, data, hops=3)["returns"][~right][:, nodes[0]].all()
+    assert reach["loss_mask"].sum(1).tolist() == [4] * len(right)
