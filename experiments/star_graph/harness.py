@@ -294,11 +294,14 @@ def run(cfg: StarGraphConfig, *, progress: bool = True) -> dict[str, Any]:
             build_value(cfg.value, cfg.head)
         if cfg.value_pretrain.walks and cfg.value_pretrain.epochs:
             value = pretrain_value(cfg.value_pretrain, g, value, train_split, seed=cfg.seed, progress=progress)
+        diagnostics = None if cfg.head.q_type else fit_by_position(cfg, ref, test_split)  # V-type values only
         history = algorithm.run(cfg.qsharp, task, ref, value, run_dir / "qsharp", progress=progress,
-                                diagnostics=fit_by_position(cfg, ref, test_split) if not cfg.head.q_type else None)
-        if not cfg.head.q_type:
-            results["value_fit"] = [{k: h[k] for k in h if k == "iteration" or k.startswith("value_ce_")}
-                                    for h in history]
+                                diagnostics=diagnostics)
+        # iterations recorded without diagnostics (a Q-type head, a run begun by an older version) have none
+        fits = [{k: h[k] for k in h if k == "iteration" or k.startswith("value_ce_")}
+                for h in history if "value_ce_chance" in h]
+        if fits:
+            results["value_fit"] = fits
         state, _ = algorithm.latest_state(cfg.qsharp, value, run_dir / "qsharp")
         for name, guidance in (("qsharp", "qsharp"), ("cd", "cd")):
             if name in todo:

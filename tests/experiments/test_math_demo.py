@@ -88,8 +88,8 @@ def test_carry_decisions_equal_each_decision_computed_alone(tmp_path, q_type):
     prompt = encode(chat_prompt(tokenizer, problem.problem))
     prefixes = [prompt + encode(text) for text, *_ in points]
     pairs = np.array([[encode(kept)[0], encode(lost)[0]] for _, kept, lost, _ in points])  # [n, 2]
-    log_ref = at_last(ref, prefixes)
-    p_ref = np.take_along_axis(np.exp(log_ref - log_ref.max(-1, keepdims=True)), pairs, axis=1)
+    ref_logits = at_last(ref, prefixes)  # unnormalized: only ratios of the two digits' weights are used
+    p_ref = np.take_along_axis(np.exp(ref_logits - ref_logits.max(-1, keepdims=True)), pairs, axis=1)
     if q_type:
         logits = np.take_along_axis(at_last(value, prefixes), pairs[:, :, None], axis=1)
     else:
