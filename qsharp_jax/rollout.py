@@ -299,7 +299,7 @@ def _generate(ref_graph, ref_state, value_graph, value_state, prompt_ids, prompt
         def skip():  # everyone has switched to π_ref: the value model is not needed any more
             shape = (batch, value.backbone.cfg.num_kv_heads, spec.top_k, value.backbone.cfg.head_dim)
             zeros = tuple(jnp.zeros(shape, value_cache.k[0].dtype) for _ in value_cache.k)
-            return jnp.zeros(cand.shape, jnp.float32), (zeros, zeros)
+            return jnp.zeros(cand.shape, jnp.float32), (zeros, zeros, cand)
 
         if spec.always_guided or spec.q_type:
             offsets, kv = score()

@@ -208,3 +208,36 @@ def test_bad_inputs(ref):
         generate(ref, ids, mask.at[1, -1].set(False), **kw)
     with pytest.raises(ValueError, match="guidance=None"):
         generate(ref, ids, mask, value_model=value, **kw)
+
+
+def test_guided_by_a_token_shift_value_model_equals_whole_sequence_guidance(ref):
+    """A V-type value model with a token shift guides decoding through the KV-cache engine: every
+    step's log-probability (and KL) equals the guided policy recomputed from whole sequences (π_ref
+    on the prefix, the value model on the prefix followed by each of π_ref's top-k)."""
+    cfg = TransformerConfig(vocab_size=V, hidden_size=16, num_layers=2, num_heads=4, num_kv_heads=4, head_dim=4,
+                            mlp_dim=32, max_positions=64, token_shift=2)
+    graphdef, state = nnx.split(ValueModel(cfg, HeadConfig("categorical", 11), rngs=nnx.Rngs(4)))
+    value = nnx.merge(graphdef, jax.tree.map(lambda x: x * 4.0, state))  # values far from uniform
+    ids, mask = prompts(3, seed=6)
+    eta, k, steps = 0.2, 4, 4
+    out = generate(ref, ids, mask, key=jax.random.key(5), max_new_tokens=steps, value_model=value, guidance="qsharp",
+                   eta=eta, top_k=k, switch_time=jnp.array([steps, 2, steps]))
+    tokens, atoms = np.asarray(out.tokens), jnp.linspace(0, 1, 11)
+    kl = np.zeros(3)
+    for t in range(steps):
+        seq = jnp.concatenate([ids, jnp.asarray(tokens[:, :t])], 1)
+        keep = jnp.concatenate([mask, jnp.ones((3, t), bool)], 1)
+        ref_logits = ref(seq, keep)[:, -1]
+        cand = jax.lax.top_k(ref_logits, k)[1]
+        values = jnp.stack([value(jnp.concatenate([seq, cand[:, j:j + 1]], 1),
+                                  jnp.concatenate([keep, jnp.ones((3, 1), bool)], 1))[:, -1] for j in range(k)], 1)
+        offsets = guidance.qsharp_logit_offset(values, atoms, eta)
+        guided = jnp.where(jnp.array([True, t < 2, True])[:, None], guidance.guided_logits(ref_logits, cand, offsets),
+                           ref_logits)
+        kth = jnp.sort(guided, axis=-1)[:, -k][:, None]
+        log_policy = jax.nn.log_softmax(jnp.where(guided < kth, -jnp.inf, guided), axis=-1)
+        np.testing.assert_allclose(out.logprobs[:, t], np.take_along_axis(np.asarray(log_policy), tokens[:, t:t + 1], 1)[:, 0],
+                                   atol=1e-4, err_msg=f"step {t}")
+        log_p, log_ref = np.asarray(log_policy, np.float64), np.asarray(jax.nn.log_softmax(ref_logits), np.float64)
+        kl += np.sum(np.exp(log_p) * np.where(np.isfinite(log_p), log_p - log_ref, 0.0), axis=-1)
+    np.testing.assert_allclose(out.kl, kl, rtol=1e-3)

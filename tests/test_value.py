@@ -165,7 +165,7 @@ def test_token_shift_adds_the_embedding_of_the_real_token_n_back():
     """TransformerConfig.token_shift = n: position t's input gains shift_embed[token at t − n]
     (nothing where there is no real token that far back). Checked against the same model without
     the option whose word embedding carries the shift by hand (one token type per position), and
-    left padding changes nothing; the KV-cache paths refuse such a model."""
+    left padding changes nothing."""
     from flax import nnx
 
     from qsharp_jax.models.build import ModelSpec, build_reference
@@ -189,7 +189,56 @@ def test_token_shift_adds_the_embedding_of_the_real_token_n_back():
     mask = np.arange(padded.shape[1])[None] >= 3
     np.testing.assert_allclose(np.asarray(shifted.hidden(jnp.asarray(padded), jnp.asarray(mask)))[:, 3:],
                                np.asarray(by_hand), atol=1e-5)
-    with pytest.raises(ValueError, match="token_shift=2 model runs on whole sequences only"):
-        shifted.extend(jnp.asarray(ids), shifted.init_cache(1, 8))
     with pytest.raises(ValueError, match="token_shift must be >= 0"):
         dataclasses.replace(shifted.cfg, token_shift=-1)
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_token_shift_cached_paths_equal_whole_sequences(n):
+    """The KV-cache engine serves a token_shift model: prefill, decoding with inactive rows,
+    candidate scoring, committing a candidate and Bellman branches each equal the whole-sequence
+    forward of the same real tokens (interior padding included: the shift reads real tokens)."""
+    from qsharp_jax.models.build import ModelSpec, build_reference
+
+    model = build_reference(ModelSpec(architecture="gpt2", vocab_size=9, hidden_size=16, num_layers=2, num_heads=4,
+                                      mlp_dim=32, max_positions=24, seed=5, token_shift=n))
+    rng = np.random.default_rng(8)
+    ids = jnp.asarray(rng.integers(0, 9, (2, 5)), jnp.int32)
+    mask = jnp.asarray([[False, False, True, True, True], [True] * 5])
+
+    def last(tokens, keep):  # whole-sequence hidden state at the last real token
+        h = model.hidden(jnp.asarray(np.asarray(tokens), jnp.int32), jnp.asarray(np.asarray(keep)))
+        return np.asarray(h)[np.arange(len(keep)), np.asarray(keep).shape[1] - 1 - np.argmax(np.asarray(keep)[:, ::-1], 1)]
+
+    h, cache = model.extend_hidden(ids, model.init_cache(2, 12), mask)
+    np.testing.assert_allclose(np.asarray(h)[np.asarray(mask)], np.asarray(model.hidden(ids, mask))[np.asarray(mask)],
+                               atol=1e-5)
+    seq, keep = np.asarray(ids), np.asarray(mask)
+    for step, active in enumerate([[True, False], [True, True], [False, True]]):  # row 0 pauses, then row 1
+        token = jnp.asarray(rng.integers(0, 9, (2, 1)), jnp.int32)
+        h, cache = model.extend_hidden(token, cache, jnp.asarray(active)[:, None])
+        seq, keep = np.concatenate([seq, token], 1), np.concatenate([keep, np.array(active)[:, None]], 1)
+        rows = np.array(active)
+        np.testing.assert_allclose(np.asarray(h)[rows, 0], last(seq, keep)[rows], atol=1e-5, err_msg=f"step {step}")
+    candidates = jnp.asarray(rng.integers(0, 9, (2, 4)), jnp.int32)
+    scored, kv = model.candidates_hidden(candidates, cache, return_kv=True)
+    for j in range(4):
+        appended = np.concatenate([seq, candidates[:, j:j + 1]], 1), np.concatenate([keep, np.ones((2, 1), bool)], 1)
+        np.testing.assert_allclose(np.asarray(scored)[:, j], last(*appended), atol=1e-5)
+    choice = jnp.array([3, 1])
+    committed = model.commit_candidate(cache, kv, choice)
+    _, extended = model.extend_hidden(jnp.take_along_axis(candidates, choice[:, None], 1), cache)
+    for a, b in zip(jax.tree.leaves(committed), jax.tree.leaves(extended)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    np.testing.assert_array_equal(committed.recent[1, -1], candidates[1, 1])
+    branch_ids = jnp.asarray(rng.integers(0, 9, (*seq.shape, 2)), jnp.int32)
+    hidden, branches = model.branches_hidden(jnp.asarray(seq), jnp.asarray(keep), branch_ids)
+    np.testing.assert_allclose(np.asarray(hidden)[keep], np.asarray(model.hidden(jnp.asarray(seq), jnp.asarray(keep)))[keep],
+                               atol=1e-5)
+    for t in range(seq.shape[1]):
+        for j in range(2):
+            prefix = np.concatenate([seq[:, :t + 1], branch_ids[:, t, j:j + 1]], 1)
+            prefix_keep = np.concatenate([keep[:, :t + 1], np.ones((2, 1), bool)], 1)
+            rows = keep[:, :t + 1].any(1)
+            np.testing.assert_allclose(np.asarray(branches)[rows, t, j], last(prefix, prefix_keep)[rows], atol=1e-5,
+                                       err_msg=f"branch {j} after position {t}")

@@ -37,8 +37,8 @@ class ModelSpec:
         (:func:`~qsharp_jax.models.transformer.identity_qk`); 0: the usual random init. For models
         that must learn look-ups from a random start (e.g. a star-graph value model).
       token_shift: a fresh model's inputs also embed the token this many positions back
-        (:class:`~qsharp_jax.models.transformer.TransformerConfig`; whole sequences only: a value
-        model to fit and probe, not one that guides decoding yet); 0: none.
+        (:class:`~qsharp_jax.models.transformer.TransformerConfig`; fitting, scoring and the
+        KV-cache engine alike); 0: none.
     """
 
     hf_path: str | None = None

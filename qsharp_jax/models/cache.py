@@ -22,6 +22,9 @@ class KVCache:
       kv_positions: int32 ``[batch, slots]``, position id of the token in each slot.
       positions: int32 ``[batch]``, position id the next real token will get.
       index: int32 ``[]``, the next slot to write.
+      recent: int32 ``[batch, n]``, the last n real tokens, oldest first (−1: none yet), for a
+        model with ``token_shift = n`` (``[batch, 0]`` otherwise): what the next token's
+        token-shift embedding reads.
     """
 
     k: tuple[jax.Array, ...]
@@ -30,13 +33,16 @@ class KVCache:
     kv_positions: jax.Array
     positions: jax.Array
     index: jax.Array
+    recent: jax.Array
 
     @property
     def max_len(self) -> int:
         return self.k[0].shape[2]
 
     @classmethod
-    def create(cls, *, layers: int, batch: int, max_len: int, kv_heads: int, head_dim: int, dtype) -> "KVCache":
+    def create(
+        cls, *, layers: int, batch: int, max_len: int, kv_heads: int, head_dim: int, dtype, token_shift: int = 0
+    ) -> "KVCache":
         shape = (batch, kv_heads, max_len, head_dim)
         return cls(
             k=tuple(jnp.zeros(shape, dtype) for _ in range(layers)),
@@ -45,4 +51,5 @@ class KVCache:
             kv_positions=jnp.zeros((batch, max_len), jnp.int32),
             positions=jnp.zeros((batch,), jnp.int32),
             index=jnp.zeros((), jnp.int32),
+            recent=jnp.full((batch, token_shift), -1, jnp.int32),
         )

@@ -64,8 +64,8 @@ class TransformerConfig:
       token_shift: > 0 adds to each position's input a second embedding of the real token that
         many positions back (a "token shift": a pair of tokens in one position, e.g. an edge's two
         ends in "a,b" with 2), so a look-up on the pair needs no previous-token head first; 0:
-        none (every pretrained family). Whole sequences only: such a model is fitted and scored
-        by :meth:`Transformer.hidden`, not decoded from a KV cache.
+        none (every pretrained family). The KV cache keeps the last n real tokens
+        (``KVCache.recent``), so cached decoding, candidate scoring and branches serve it too.
     """
 
     vocab_size: int
@@ -328,11 +328,7 @@ class Transformer(nnx.Module):
         def attend(q, k, v, _):
             return attention(q, _heads_major(k), _heads_major(v), allowed), None
 
-        back = None
-        if self.cfg.token_shift:  # the real token token_shift slots back (padding is contiguous), else none
-            n = self.cfg.token_shift
-            real = jnp.pad(mask, ((0, 0), (n, 0)))[:, :t] & mask
-            back = jnp.where(real, jnp.pad(input_ids, ((0, 0), (n, 0)))[:, :t], -1)
+        back = self._shift_back(input_ids, mask, self._no_recent(input_ids.shape[0]))[0]
         x, _ = self._run(input_ids, positions, attend, None, back)
         return x
 
@@ -343,7 +339,7 @@ class Transformer(nnx.Module):
         c = self.cfg
         return KVCache.create(
             layers=c.num_layers, batch=batch, max_len=max_len, kv_heads=c.num_kv_heads, head_dim=c.head_dim,
-            dtype=self.dtype,
+            dtype=self.dtype, token_shift=c.token_shift,
         )
 
     def extend(
@@ -365,7 +361,6 @@ class Transformer(nnx.Module):
         Writing past ``cache.max_len`` raises when the slot index is concrete; under jit it makes
         the returned hidden states NaN (a host check per decoded token would cost too much).
         """
-        self._whole_sequences_only("extend_hidden")
         input_ids, mask = self._check_ids(input_ids, attention_mask)
         self._check_cache(cache, input_ids.shape[0])
         t, slots = input_ids.shape[1], cache.max_len
@@ -391,11 +386,12 @@ class Transformer(nnx.Module):
             v_all = jax.lax.dynamic_update_slice(v_all, _heads_major(v).astype(v_all.dtype), (0, 0, idx, 0))
             return attention(q, k_all, v_all, allowed), (k_all, v_all)
 
-        x, (new_k, new_v) = self._run(input_ids, positions, attend, (cache.k, cache.v))
+        back, recent = self._shift_back(input_ids, mask, cache.recent)
+        x, (new_k, new_v) = self._run(input_ids, positions, attend, (cache.k, cache.v), back)
         x = jnp.where(idx + t > slots, jnp.nan, x)
         cache = cache.replace(
             k=new_k, v=new_v, kv_mask=kv_mask, kv_positions=kv_positions,
-            positions=cache.positions + jnp.sum(mask, axis=1, dtype=jnp.int32), index=idx + t,
+            positions=cache.positions + jnp.sum(mask, axis=1, dtype=jnp.int32), index=idx + t, recent=recent,
         )
         return x, cache
 
@@ -407,9 +403,9 @@ class Transformer(nnx.Module):
         Candidate j of sequence b sits at the next position of b and attends to b's cached tokens
         and to itself only (a diagonal mask), so each row equals appending that single token. The
         cache is not changed; with ``return_kv`` the candidates' keys/values (per layer
-        ``[B, kv_heads, k, head_dim]``) come back too, for :meth:`commit_candidate`.
+        ``[B, kv_heads, k, head_dim]``) and their ids come back too, ``(k, v, candidate_ids)``,
+        for :meth:`commit_candidate`.
         """
-        self._whole_sequences_only("candidates_hidden")
         candidate_ids, _ = self._check_ids(candidate_ids, None)
         self._check_cache(cache, candidate_ids.shape[0])
         positions = jnp.broadcast_to(cache.positions[:, None], candidate_ids.shape)
@@ -422,8 +418,11 @@ class Transformer(nnx.Module):
             v_new = _heads_major(v_new).astype(v_past.dtype)
             return _attention_with_self(q, k_past, v_past, past, k_new, v_new), (k_new, v_new)
 
-        x, kv = self._run(candidate_ids, positions, attend, (cache.k, cache.v))
-        return (x, kv) if return_kv else x
+        back = None
+        if self.cfg.token_shift:  # every candidate is the next real token: n back is the oldest recent one
+            back = jnp.broadcast_to(cache.recent[:, :1], candidate_ids.shape)
+        x, (k, v) = self._run(candidate_ids, positions, attend, (cache.k, cache.v), back)
+        return (x, (k, v, candidate_ids)) if return_kv else x
 
     def branches_hidden(
         self, input_ids: jax.Array, attention_mask: jax.Array | None, branch_ids: jax.Array
@@ -442,7 +441,6 @@ class Transformer(nnx.Module):
           branches cost one extra token each instead of one forward each (what a V-type Bellman
           target over π_ref's top-k needs at every position).
         """
-        self._whole_sequences_only("branches_hidden")
         input_ids, mask = self._check_ids(input_ids, attention_mask)
         branch_ids = jnp.asarray(branch_ids)
         b, t = input_ids.shape
@@ -469,7 +467,12 @@ class Transformer(nnx.Module):
             return jnp.concatenate([main, branches], axis=1), None
 
         ids = jnp.concatenate([input_ids, branch_ids.reshape(b, t * k)], axis=1)
-        x, _ = self._run(ids, jnp.concatenate([positions, branch_pos], axis=1), attend, None)
+        back = None
+        if self.cfg.token_shift:
+            back, stream = self._shift_back(input_ids, mask, self._no_recent(b), with_stream=True)
+            # the branch after t is real token count[t]; n back it is stream entry count[t] (n −1s lead)
+            back = jnp.concatenate([back, jnp.repeat(jnp.take_along_axis(stream, count, axis=1), k, axis=1)], axis=1)
+        x, _ = self._run(ids, jnp.concatenate([positions, branch_pos], axis=1), attend, None, back)
         return x[:, :t], x[:, t:].reshape(b, t, k, -1)
 
     def commit_candidate(
@@ -478,6 +481,7 @@ class Transformer(nnx.Module):
         """Append candidate ``choice [B]`` of a :meth:`candidates_hidden` pass to the cache.
 
         Exactly what :meth:`extend` with that token would store, without running the model again.
+        ``candidate_kv`` is the ``(k, v, candidate_ids)`` that :meth:`candidates_hidden` returned.
         ``active [B]`` False writes the slot as padding (a finished sequence).
         """
         batch = choice.shape[0]
@@ -486,12 +490,16 @@ class Transformer(nnx.Module):
         pick = lambda x: jnp.take_along_axis(x, choice[:, None, None, None], axis=2)  # noqa: E731
         k = tuple(jax.lax.dynamic_update_slice(c, pick(n), (0, 0, idx, 0)) for c, n in zip(cache.k, candidate_kv[0]))
         v = tuple(jax.lax.dynamic_update_slice(c, pick(n), (0, 0, idx, 0)) for c, n in zip(cache.v, candidate_kv[1]))
+        recent = cache.recent
+        if self.cfg.token_shift:
+            token = jnp.take_along_axis(candidate_kv[2], choice[:, None], axis=1)
+            recent = jnp.where(active[:, None], jnp.concatenate([recent[:, 1:], token.astype(jnp.int32)], axis=1), recent)
         return cache.replace(
             k=k, v=v,
             kv_mask=jax.lax.dynamic_update_slice(cache.kv_mask, active[:, None], (0, idx)),
             kv_positions=jax.lax.dynamic_update_slice(cache.kv_positions, cache.positions[:, None], (0, idx)),
             positions=cache.positions + active.astype(jnp.int32),
-            index=idx + 1,
+            index=idx + 1, recent=recent,
         )
 
     def logits(self, hidden: jax.Array) -> jax.Array:
@@ -526,12 +534,35 @@ class Transformer(nnx.Module):
             return jnp.ones((), bool)
         return (q_positions[:, :, None] - k_positions[:, None, :]) < self.cfg.sliding_window
 
-    def _whole_sequences_only(self, method: str) -> None:
-        if self.cfg.token_shift:
-            raise ValueError(f"{method}: a token_shift={self.cfg.token_shift} model runs on whole sequences only "
-                             "(forward, value fitting); the KV-cache engine (prefill, decoding, candidate scoring, "
-                             "Bellman branches) does not serve it: use token_shift=0 for a model that decodes or "
-                             "guides decoding")
+    def _no_recent(self, batch: int) -> jax.Array:
+        return jnp.full((batch, self.cfg.token_shift), -1, jnp.int32)
+
+    def _shift_back(self, input_ids: jax.Array, mask: jax.Array, recent: jax.Array, *, with_stream: bool = False):
+        """The token-shift inputs of new tokens after ``recent``.
+
+        Args:
+          input_ids, mask: ``[B, T]``; recent: int32 ``[B, n]``, the last n real tokens before them
+            (−1: none), n = ``token_shift``.
+
+        Returns:
+          ``(back, recent)``: back int32 ``[B, T]``, the real token n back from each real new token
+          (−1: none, or padding), or None without a token shift; recent ``[B, n]`` after them. With
+          ``with_stream``, the second is instead the stream ``[B, n + T]``: ``recent`` then the real
+          new tokens in order (padding sorted to the end), so real token j's n-back is entry j.
+        """
+        n = self.cfg.token_shift
+        if not n:
+            return None, recent
+        b = input_ids.shape[0]
+        combined = jnp.concatenate([recent, jnp.where(mask, input_ids, -1).astype(jnp.int32)], axis=1)
+        real = jnp.concatenate([jnp.ones((b, n), bool), mask], axis=1)
+        stream = jnp.take_along_axis(combined, jnp.argsort(~real, axis=1, stable=True), axis=1)
+        count = jnp.cumsum(mask, axis=1)
+        back = jnp.where(mask, jnp.take_along_axis(stream, jnp.maximum(count - 1, 0), axis=1), -1)
+        if with_stream:
+            return back, stream
+        last = count[:, -1:] + jnp.arange(n)[None]  # the stream's last n entries
+        return back, jnp.take_along_axis(stream, last, axis=1)
 
     def _run(self, input_ids: jax.Array, positions: jax.Array, attend: AttendFn, cache_kv: Any,
              back_ids: jax.Array | None = None) -> tuple[jax.Array, Any]:
