@@ -114,6 +114,15 @@ def as_json(cfg: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
+def defaults_of(cls: type) -> dict[str, Any]:
+    """The JSON of a dataclass config's field defaults (fields without one left out), what a config
+    saved before a field existed is read with (see :func:`differences`). Field by field, so a class
+    whose defaults do not validate together (e.g. a task-dependent length) still has them."""
+    return {f.name: as_json(f.default if f.default is not dataclasses.MISSING else f.default_factory())
+            for f in dataclasses.fields(cls)
+            if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
+
+
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``: the dotted keys of ``key=value`` overrides."""
     out: dict[str, Any] = {}

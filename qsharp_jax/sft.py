@@ -45,15 +45,21 @@ def train_sft(cfg: SFTConfig, model: Transformer, prompts: np.ndarray, prompt_ma
     right-padded responses, bool masks); returns the trained model.
 
     With ``directory``, the result is checkpointed there: a later call whose ``cfg`` and ``meta``
-    (what else the model depends on: its data, its sizes) match restores it; one that differs is
-    refused with the fields that differ.
+    (what else the model depends on: its data, its sizes; values may be dataclass configs) match
+    restores it; one that differs is refused with the fields that differ. A field that a
+    checkpoint's config lacks (written before the field existed) counts as its default, so adding
+    a config field with a default keeps older runs resumable.
     """
     optimizer = train.make_optimizer(cfg.optimizer)
     state = train.init_state(model, optimizer, jax.random.key(seed))
-    config = config_lib.as_json({**dataclasses.asdict(cfg), **(meta or {}), "seed": seed})
+    plain = lambda v: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v  # noqa: E731
+    meta = meta or {}
+    config = config_lib.as_json({**dataclasses.asdict(cfg), **{k: plain(v) for k, v in meta.items()}, "seed": seed})
+    defaults = {**config_lib.defaults_of(SFTConfig),
+                **{k: config_lib.defaults_of(type(v)) for k, v in meta.items() if dataclasses.is_dataclass(v)}}
     checkpoints = Checkpoints(directory, keep=1, writer=True) if directory is not None else None
     if checkpoints is not None:
-        restored = checkpoints.restore(state, config)
+        restored = checkpoints.restore(state, config, defaults=defaults)
         if restored is not None:
             return restored[0].model()
     if cfg.epochs:

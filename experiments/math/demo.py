@@ -117,8 +117,7 @@ def _reference(cfg: MathDemoConfig, tokenizer, problems, progress: bool):
     response_mask = np.zeros((len(encoded), width), bool)
     for row, e in enumerate(encoded):
         responses[row, : len(e)], response_mask[row, : len(e)] = e, True
-    meta = {"reference": dataclasses.asdict(cfg.reference), "problems": dataclasses.asdict(cfg.problems),
-            "sft_problems": cfg.sft_problems}
+    meta = {"reference": cfg.reference, "problems": cfg.problems, "sft_problems": cfg.sft_problems}
     return train_sft(cfg.sft, build_reference(cfg.reference), ids, mask, responses, response_mask, seed=cfg.seed,
                      directory=Path(cfg.run_dir) / "reference", meta=meta, desc="pretrain π_ref", progress=progress)
 

@@ -247,8 +247,7 @@ def pretrain_reference(cfg: StarGraphConfig, train_split: sg.Split, progress: bo
     if cfg.reference.hf_path is not None and not cfg.pretrain.epochs:
         return build_reference(cfg.reference)
     answers = train_split.answers
-    meta = {"reference": dataclasses.asdict(cfg.reference), "graph": dataclasses.asdict(cfg.graph),
-            "train_graphs": cfg.train_graphs}
+    meta = {"reference": cfg.reference, "graph": cfg.graph, "train_graphs": cfg.train_graphs}
     return train_sft(cfg.pretrain, build_reference(cfg.reference), train_split.prompts,
                      np.ones(train_split.prompts.shape, bool), answers, np.ones(answers.shape, bool), seed=cfg.seed,
                      directory=Path(cfg.run_dir) / "reference", meta=meta, desc="pretrain π_ref", progress=progress)
@@ -267,7 +266,8 @@ def run(cfg: StarGraphConfig, *, progress: bool = True) -> dict[str, Any]:
     results_file = run_dir / "results.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
     if results:
-        config_lib.check_same(results.get("config") or {}, config, str(results_file))
+        config_lib.check_same(results.get("config") or {}, config, str(results_file),  # older runs: new fields' defaults
+                              defaults=config_lib.defaults_of(StarGraphConfig))
     results = results or {"graph": dataclasses.asdict(g), "methods": {}, "seconds": {}, "config": config}
     sg.save_tokenizer(g, run_dir / "tokenizer")
     train_split, test_split = sg.make_splits(g, train=cfg.train_graphs, test=cfg.test_graphs, seed=cfg.seed)

@@ -88,6 +88,13 @@ def test_every_method_runs_and_results_are_written_then_resumed(tmp_path, monkey
     monkeypatch.setattr(exp, "evaluate", lambda *a, **k: pytest.fail("re-evaluated a finished method"))
     monkeypatch.setattr(algorithm, "run", lambda *a, **k: pytest.fail("re-ran Algorithm 1"))
     assert exp.run(cfg, progress=False)["methods"] == results["methods"]
+    # a results.json written before a config field existed resumes (the field counts as its default)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    del saved["config"]["value"]["token_shift"], saved["config"]["reference"]["qk_identity"]
+    (tmp_path / "results.json").write_text(json.dumps(saved))
+    assert exp.run(cfg, progress=False)["methods"] == results["methods"]
+    with pytest.raises(ValueError, match=r"value.token_shift \(saved 0, now 2\)"):
+        exp.run(tiny(tmp_path, value={**TINY["reference"], "token_shift": 2}), progress=False)
     with pytest.raises(ValueError, match=r"results.json was written with another config; fields that differ: seed"):
         exp.run(tiny(tmp_path, seed=1), progress=False)
 
