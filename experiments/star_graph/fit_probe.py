@@ -30,6 +30,7 @@ KEYS = ("tokens", "attention_mask", "loss_mask", "rewards")
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("config", type=Path)
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides, as for the harness (e.g. seed=1 run_dir=...)")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup-steps", type=int, default=100)
     parser.add_argument("--epochs", type=int, default=2)
@@ -40,7 +41,7 @@ def main() -> None:
     parser.add_argument("--held-out", type=int, default=6000, help="last rollouts kept out of the fit")
     args = parser.parse_args()
 
-    cfg = config.load(harness.StarGraphConfig, args.config, [])
+    cfg = config.load(harness.StarGraphConfig, args.config, args.overrides)
     if cfg.head.kind != "categorical" or cfg.head.q_type:
         raise SystemExit(f"fit_probe reads a categorical V-type value head; {args.config} has "
                          f"head kind={cfg.head.kind!r}, q_type={cfg.head.q_type}")

@@ -230,3 +230,34 @@ def test_simulated_shortcut_answers_are_right_iff_the_first_step_is_on_the_goal_
     np.testing.assert_array_equal(reach["returns"][~right][:, nodes], np.tile([0, 0, 0, 1], ((~right).sum(), 1)))
     assert walk_probe.reach_labels(graph, data, hops=3)["returns"][~right][:, nodes[0]].all()
     assert reach["loss_mask"].sum(1).tolist() == [4] * len(right)
+
+
+def test_walk_probe_variants_and_q_type_scores():
+    """walk_probe's diagnostic starts (shift embedding = token embedding; value/output projections =
+    identity) and its Q-type score (column t: the success probability of token t taken after the
+    prefix ending at t − 1), against the definitions."""
+    import jax
+    import jax.numpy as jnp
+
+    from experiments.star_graph import walk_probe
+    from qsharp_jax.models.build import ModelSpec, build_value
+    from qsharp_jax.models.value import HeadConfig
+
+    spec = ModelSpec(architecture="gpt2", vocab_size=9, hidden_size=16, num_layers=2, num_heads=4, mlp_dim=32,
+                     max_positions=12, seed=2, token_shift=2)
+    value = walk_probe.start_variant(build_value(spec, HeadConfig("categorical", 5, q_type=True)), tied_shift=True,
+                                     identity_ov=True)
+    model = value.backbone
+    np.testing.assert_array_equal(np.asarray(model.shift_embed[...]), np.asarray(model.embed[...]))
+    for block in model.layers:
+        np.testing.assert_array_equal(np.asarray(block.v[...]).reshape(16, 16), np.eye(16))
+        np.testing.assert_array_equal(np.asarray(block.o[...]).reshape(16, 16), np.eye(16))
+    tokens = np.random.default_rng(1).integers(0, 9, (3, 6))
+    mask = np.ones(tokens.shape, bool)
+    scored = walk_probe.success(value, tokens, mask, batch=2)
+    out = np.asarray(value(jnp.asarray(tokens), jnp.asarray(mask)))  # [N, T, V, K]
+    atoms = np.asarray(value.head_cfg.atoms)
+    for t in range(1, 6):
+        expected = np.asarray(jax.nn.softmax(out[np.arange(3), t - 1, tokens[:, t]])) @ atoms
+        np.testing.assert_allclose(scored[:, t], expected, atol=1e-5)
+    assert (scored[:, 0] == 0.5).all()
