@@ -261,3 +261,50 @@ def test_walk_probe_variants_and_q_type_scores():
         expected = np.asarray(jax.nn.softmax(out[np.arange(3), t - 1, tokens[:, t]])) @ atoms
         np.testing.assert_allclose(scored[:, t], expected, atol=1e-5)
     assert (scored[:, 0] == 0.5).all()
+
+
+def test_lookahead_probe_first_step_against_direct_computation():
+    """lookahead_probe.first_step: the probability of the right first node under π_ref's top-k, under
+    Q♯ guidance by the value of prefix + candidate, and under the one-step look-ahead value
+    log Σ_c π̃_ref(c | x y) E_p(x y c)[exp(Z/η)], each recomputed here candidate by candidate."""
+    import jax
+    import jax.numpy as jnp
+
+    from experiments.star_graph import lookahead_probe
+    from qsharp_jax.models.build import ModelSpec, build_reference, build_value
+    from qsharp_jax.models.value import HeadConfig
+
+    spec = ModelSpec(architecture="gpt2", vocab_size=7, hidden_size=16, num_layers=1, num_heads=2, mlp_dim=32,
+                     max_positions=12, seed=4)
+    ref, value = build_reference(spec), build_value(spec, HeadConfig("categorical", 5))
+    rng = np.random.default_rng(0)
+    prompts, answers = rng.integers(0, 7, (3, 4)), rng.integers(0, 7, (3, 3))
+    eta, k = 0.3, 3
+    atoms = np.asarray(value.head_cfg.atoms, np.float64)
+
+    def log_mgf(seq):  # log E_p(seq)[exp(Z/η)] of the value after seq
+        p = np.asarray(jax.nn.softmax(value(jnp.asarray([seq]))[0, -1]), np.float64)
+        return np.log(np.sum(p * np.exp(atoms / eta)))
+
+    def top(seq):
+        logp = np.asarray(jax.nn.log_softmax(ref(jnp.asarray([seq]))[0, -1]), np.float64)
+        ids = np.argsort(-logp)[:k]
+        return ids, logp[ids]
+
+    for row in range(3):  # the right node: π_ref's 2nd candidate, its 1st, a node outside its top-k
+        ids, _ = top(list(prompts[row]) + list(answers[row, :2]))
+        answers[row, 2] = ids[1] if row == 0 else ids[0] if row == 1 else next(t for t in range(7) if t not in ids)
+    got = lookahead_probe.first_step(ref, value, prompts, answers, eta=eta, top_k=k, batch=2)
+    assert got[0][2] == 0 and (got[0][:2] > 0).all()
+    for row in range(3):
+        x = list(prompts[row]) + list(answers[row, :2])
+        ids, ref_top = top(x)
+        now = np.array([log_mgf(x + [y]) for y in ids])
+        ahead = []
+        for y in ids:
+            nxt, nxt_logp = top(x + [y])
+            w = np.exp(nxt_logp - np.logaddexp.reduce(nxt_logp))
+            ahead.append(np.log(np.sum(w * np.exp([log_mgf(x + [y, c]) for c in nxt]))))
+        for j, logits in enumerate([ref_top, ref_top + now, ref_top + np.array(ahead)]):
+            p = np.exp(logits - np.logaddexp.reduce(logits))
+            np.testing.assert_allclose(got[j][row], p[ids == answers[row, 2]].sum(), atol=1e-4)
