@@ -85,6 +85,7 @@ class _Spec:
     eos_id: int | None
     pad_id: int
     always_guided: bool  # no switch time: skip the per-step check whether guidance is still needed
+    lookahead: bool  # V-type: each candidate's value read one π_ref step later
 
 
 def generate(
@@ -106,6 +107,7 @@ def generate(
     atoms: jax.Array | None = None,
     cache_len: int | None = None,
     row_ids: jax.Array | None = None,
+    lookahead: bool = False,
 ) -> Rollout:
     """Sample ``max_new_tokens`` tokens after left-padded prompts, plain or value-guided.
 
@@ -129,6 +131,13 @@ def generate(
       cache_len: KV-cache slots; default ``P + max_new_tokens``.
       row_ids: int ``[B]``, each row's identity for the random draws (default ``arange(B)``); a
         caller that splits a batch into chunks passes the global row numbers.
+      lookahead: a V-type value model's candidates are valued one π_ref step later: candidate y's
+        offset combines the values of x y c over π_ref's top-k continuations c (probabilities
+        renormalized over them) by the Bellman equation of the guidance's own value —
+        exp(Q(x, y)/η) = Σ_c π̃_ref(c | x y) E_{p(x y c)}[exp(Z/η)] for ``"qsharp"`` /
+        ``"bernoulli"``, the π̃_ref-weighted mean for ``"cd"``. Exact where π_ref's continuation is
+        (nearly) certain; it reads the value where the model may have learned it better. Costs k
+        more π_ref tokens and k² value tokens per guided step.
     """
     prompt_ids, prompt_mask = jnp.asarray(prompt_ids), jnp.asarray(prompt_mask).astype(bool)
     chex.assert_rank(prompt_ids, 2, custom_message="prompt_ids must be [batch, prompt_len]")
@@ -172,8 +181,12 @@ def generate(
             _validate.check_atoms(atoms)
             if atoms.shape != (k_atoms,):
                 raise ValueError(f"atoms has shape {atoms.shape}, the value head has {k_atoms} atoms")
+        if lookahead and value_model.head_cfg.q_type:
+            raise ValueError("lookahead values a V-type model's candidates one step later; a Q-type model has none")
     elif value_model is not None:
         raise ValueError("a value_model was given but guidance=None; pass guidance='qsharp' (or 'cd', 'bernoulli')")
+    if lookahead and guidance is None:
+        raise ValueError("lookahead=True needs guidance and a V-type value_model")
     always_guided = switch_time is None
     if switch_time is None:
         switch_time = jnp.full((batch,), max_new_tokens, jnp.int32)
@@ -186,7 +199,7 @@ def generate(
         max_new_tokens=max_new_tokens, cache_len=cache_len, guidance=guidance,
         q_type=bool(value_model is not None and value_model.head_cfg.q_type), top_k=top_k,
         temperature=float(temperature), top_p=float(top_p), eos_id=eos_id, pad_id=pad_id,
-        always_guided=always_guided,
+        always_guided=always_guided, lookahead=bool(lookahead),
     )
     ref_graph, ref_state = nnx.split(ref_model)
     value_graph, value_state = nnx.split(value_model) if value_model is not None else (None, None)
@@ -277,7 +290,7 @@ def _generate(ref_graph, ref_state, value_graph, value_state, prompt_ids, prompt
     def offsets_of(values):  # η and the atoms were validated in `generate`: no checks in the loop
         return guidance_lib.UNCHECKED_OFFSETS[spec.guidance](values, atoms, eta)
 
-    def candidates(ref_logits, value_cache, value_out, guide_now):
+    def candidates(ref_logits, ref_cache, value_cache, value_out, guide_now):
         """Guidance on π_ref's top-k: guided logits there (+ a V-type model's K/V of each candidate).
 
         A V-type model scores the candidates in one forward against its cache; a Q-type model's
@@ -294,7 +307,17 @@ def _generate(ref_graph, ref_state, value_graph, value_state, prompt_ids, prompt
                 at = cand.reshape(*cand.shape, *([1] * (value_out.ndim - 2)))
                 return jnp.where(guide_now[:, None], offsets_of(jnp.take_along_axis(value_out, at, axis=1)), 0.0), None
             values, kv = value.score_candidates(cand, value_cache, return_kv=True)
-            return jnp.where(guide_now[:, None], offsets_of(values), 0.0), kv
+            if not spec.lookahead:
+                return jnp.where(guide_now[:, None], offsets_of(values), 0.0), kv
+            after = ref.logits(ref.candidates_hidden(cand, ref_cache))[..., : value.vocab_size]  # [B, k, V]
+            next_logits, next_ids = jax.lax.top_k(after, spec.top_k)
+            log_w = jax.nn.log_softmax(next_logits, axis=-1)  # π_ref renormalized over its top-k
+            later = offsets_of(value.score_continuations(next_ids, value_cache, kv))  # [B, k, k]
+            if spec.guidance == "cd":  # a mean: the π_ref-weighted mean of the means
+                ahead = jnp.sum(jnp.exp(log_w) * later, axis=-1)
+            else:  # a log moment-generating function: log Σ_c π̃(c) exp(offset_c)
+                ahead = jax.nn.logsumexp(log_w + later, axis=-1)
+            return jnp.where(guide_now[:, None], ahead, 0.0), kv
 
         def skip():  # everyone has switched to π_ref: the value model is not needed any more
             shape = (batch, value.backbone.cfg.num_kv_heads, spec.top_k, value.backbone.cfg.head_dim)
@@ -320,7 +343,8 @@ def _generate(ref_graph, ref_state, value_graph, value_state, prompt_ids, prompt
         ref_lse = jax.nn.logsumexp(ref_logits, axis=-1)
         g_kl = jnp.zeros((batch,), jnp.float32)
         if v_type or (spec.guidance is not None and spec.top_k is not None):
-            log_policy, ids, ref_at_ids, order, kv, g_kl = candidates(ref_logits, value_cache, value_out, guide_now)
+            log_policy, ids, ref_at_ids, order, kv, g_kl = candidates(ref_logits, ref_cache, value_cache, value_out,
+                                                                      guide_now)
         else:
             policy_logits = ref_logits
             if spec.guidance is not None:  # Q-type without top_k: every token guided

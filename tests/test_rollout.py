@@ -208,30 +208,52 @@ def test_bad_inputs(ref):
         generate(ref, ids, mask.at[1, -1].set(False), **kw)
     with pytest.raises(ValueError, match="guidance=None"):
         generate(ref, ids, mask, value_model=value, **kw)
+    with pytest.raises(ValueError, match="lookahead=True needs guidance"):
+        generate(ref, ids, mask, lookahead=True, **kw)
+    with pytest.raises(ValueError, match="a Q-type model has none"):
+        generate(ref, ids, mask, value_model=token_value_model(np.zeros((V, 11)), q_type=True), guidance="qsharp",
+                 lookahead=True, **kw)
 
 
-def test_guided_by_a_token_shift_value_model_equals_whole_sequence_guidance(ref):
+@pytest.mark.parametrize("guide,lookahead", [("qsharp", False), ("qsharp", True), ("cd", True)])
+def test_guided_by_a_token_shift_value_model_equals_whole_sequence_guidance(ref, guide, lookahead):
     """A V-type value model with a token shift guides decoding through the KV-cache engine: every
     step's log-probability (and KL) equals the guided policy recomputed from whole sequences (π_ref
-    on the prefix, the value model on the prefix followed by each of π_ref's top-k)."""
+    on the prefix, the value model on the prefix followed by each of π_ref's top-k; with
+    ``lookahead``, on the prefix, the candidate and each of π_ref's top-k continuations of it,
+    combined by the Bellman equation of the guidance's value)."""
     cfg = TransformerConfig(vocab_size=V, hidden_size=16, num_layers=2, num_heads=4, num_kv_heads=4, head_dim=4,
                             mlp_dim=32, max_positions=64, token_shift=2)
     graphdef, state = nnx.split(ValueModel(cfg, HeadConfig("categorical", 11), rngs=nnx.Rngs(4)))
     value = nnx.merge(graphdef, jax.tree.map(lambda x: x * 4.0, state))  # values far from uniform
     ids, mask = prompts(3, seed=6)
     eta, k, steps = 0.2, 4, 4
-    out = generate(ref, ids, mask, key=jax.random.key(5), max_new_tokens=steps, value_model=value, guidance="qsharp",
-                   eta=eta, top_k=k, switch_time=jnp.array([steps, 2, steps]))
-    tokens, atoms = np.asarray(out.tokens), jnp.linspace(0, 1, 11)
+    atoms = jnp.linspace(0, 1, 11)
+    out = generate(ref, ids, mask, key=jax.random.key(5), max_new_tokens=steps, value_model=value, guidance=guide,
+                   eta=eta, top_k=k, switch_time=jnp.array([steps, 2, steps]), lookahead=lookahead)
+    offset = {"qsharp": guidance.qsharp_logit_offset, "cd": guidance.cd_logit_offset}[guide]
+    ones = jnp.ones((3, 1), bool)
+
+    def value_of(seq, keep, y):  # the offset of candidates y [3] after seq, as `generate` defines it
+        seq_y, keep_y = jnp.concatenate([seq, y[:, None]], 1), jnp.concatenate([keep, ones], 1)
+        if not lookahead:
+            return offset(value(seq_y, keep_y)[:, -1], atoms, eta)
+        top_logits, nxt = jax.lax.top_k(ref(seq_y, keep_y)[:, -1], k)
+        later = jnp.stack([offset(value(jnp.concatenate([seq_y, nxt[:, c:c + 1]], 1), jnp.concatenate([keep_y, ones], 1))[:, -1],
+                                  atoms, eta) for c in range(k)], 1)
+        w = jax.nn.softmax(top_logits, axis=-1)
+        return jnp.sum(w * later, -1) if guide == "cd" else jnp.log(jnp.sum(w * jnp.exp(later), -1))
+
+    tokens = np.asarray(out.tokens)
+
+
     kl = np.zeros(3)
     for t in range(steps):
         seq = jnp.concatenate([ids, jnp.asarray(tokens[:, :t])], 1)
         keep = jnp.concatenate([mask, jnp.ones((3, t), bool)], 1)
         ref_logits = ref(seq, keep)[:, -1]
         cand = jax.lax.top_k(ref_logits, k)[1]
-        values = jnp.stack([value(jnp.concatenate([seq, cand[:, j:j + 1]], 1),
-                                  jnp.concatenate([keep, jnp.ones((3, 1), bool)], 1))[:, -1] for j in range(k)], 1)
-        offsets = guidance.qsharp_logit_offset(values, atoms, eta)
+        offsets = jnp.stack([value_of(seq, keep, cand[:, j]) for j in range(k)], 1)
         guided = jnp.where(jnp.array([True, t < 2, True])[:, None], guidance.guided_logits(ref_logits, cand, offsets),
                            ref_logits)
         kth = jnp.sort(guided, axis=-1)[:, -k][:, None]
@@ -241,3 +263,9 @@ def test_guided_by_a_token_shift_value_model_equals_whole_sequence_guidance(ref)
         log_p, log_ref = np.asarray(log_policy, np.float64), np.asarray(jax.nn.log_softmax(ref_logits), np.float64)
         kl += np.sum(np.exp(log_p) * np.where(np.isfinite(log_p), log_p - log_ref, 0.0), axis=-1)
     np.testing.assert_allclose(out.kl, kl, rtol=1e-3)
+    if guide == "qsharp":  # the look-ahead changes the policy here: it is not the plain guidance again
+        plain = generate(ref, ids, mask, key=jax.random.key(5), max_new_tokens=1, value_model=value, guidance=guide,
+                         eta=eta, top_k=k)
+        direct = generate(ref, ids, mask, key=jax.random.key(5), max_new_tokens=1, value_model=value, guidance=guide,
+                          eta=eta, top_k=k, lookahead=True)
+        assert np.abs(np.asarray(plain.logprobs) - np.asarray(direct.logprobs)).max() > 1e-3

@@ -193,11 +193,12 @@ def test_token_shift_adds_the_embedding_of_the_real_token_n_back():
         dataclasses.replace(shifted.cfg, token_shift=-1)
 
 
-@pytest.mark.parametrize("n", [1, 3])
-def test_token_shift_cached_paths_equal_whole_sequences(n):
-    """The KV-cache engine serves a token_shift model: prefill, decoding with inactive rows,
-    candidate scoring, committing a candidate and Bellman branches each equal the whole-sequence
-    forward of the same real tokens (interior padding included: the shift reads real tokens)."""
+@pytest.mark.parametrize("n", [0, 1, 3])
+def test_cached_paths_equal_whole_sequences(n):
+    """The KV-cache engine, with a token shift of n or none: prefill, decoding with inactive rows,
+    candidate scoring, continuations of the candidates, committing a candidate and Bellman branches
+    each equal the whole-sequence forward of the same real tokens (interior padding included: the
+    shift reads real tokens)."""
     from qsharp_jax.models.build import ModelSpec, build_reference
 
     model = build_reference(ModelSpec(architecture="gpt2", vocab_size=9, hidden_size=16, num_layers=2, num_heads=4,
@@ -225,12 +226,21 @@ def test_token_shift_cached_paths_equal_whole_sequences(n):
     for j in range(4):
         appended = np.concatenate([seq, candidates[:, j:j + 1]], 1), np.concatenate([keep, np.ones((2, 1), bool)], 1)
         np.testing.assert_allclose(np.asarray(scored)[:, j], last(*appended), atol=1e-5)
+    continuations = jnp.asarray(rng.integers(0, 9, (2, 4, 3)), jnp.int32)
+    after = np.asarray(model.continuations_hidden(continuations, cache, kv))
+    assert after.shape == (2, 4, 3, 16)
+    for j in range(4):
+        for c in range(3):
+            appended = (np.concatenate([seq, candidates[:, j:j + 1], continuations[:, j, c:c + 1]], 1),
+                        np.concatenate([keep, np.ones((2, 2), bool)], 1))
+            np.testing.assert_allclose(after[:, j, c], last(*appended), atol=1e-5, err_msg=f"candidate {j}, next {c}")
     choice = jnp.array([3, 1])
     committed = model.commit_candidate(cache, kv, choice)
     _, extended = model.extend_hidden(jnp.take_along_axis(candidates, choice[:, None], 1), cache)
     for a, b in zip(jax.tree.leaves(committed), jax.tree.leaves(extended)):
         np.testing.assert_allclose(a, b, atol=1e-5)
-    np.testing.assert_array_equal(committed.recent[1, -1], candidates[1, 1])
+    if n:
+        np.testing.assert_array_equal(committed.recent[1, -1], candidates[1, 1])
     branch_ids = jnp.asarray(rng.integers(0, 9, (*seq.shape, 2)), jnp.int32)
     hidden, branches = model.branches_hidden(jnp.asarray(seq), jnp.asarray(keep), branch_ids)
     np.testing.assert_allclose(np.asarray(hidden)[keep], np.asarray(model.hidden(jnp.asarray(seq), jnp.asarray(keep)))[keep],

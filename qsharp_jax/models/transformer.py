@@ -239,7 +239,8 @@ def _attention_with_self(
 
     Args:
       q: ``[B, T, H, D]``; k_past, v_past: ``[B, K, S, D]``; past_mask: bool ``[B, T or 1, S]``;
-      k_self, v_self: ``[B, K, T, D]`` (query t's own key and value).
+      k_self, v_self: ``[B, K, T, D]`` (query t's own key and value), or ``[B, K, T, E, D]``: E
+        keys and values of query t's own (its own last: a parent candidate, then itself).
 
     Returns:
       ``[B, T, H, D]``, equal to :func:`attention` over the cache concatenated with a diagonal
@@ -247,17 +248,20 @@ def _attention_with_self(
     """
     b, t, h, d = q.shape
     kv = k_past.shape[1]
+    if k_self.ndim == 4:
+        k_self, v_self = k_self[:, :, :, None], v_self[:, :, :, None]
     q = q.reshape(b, t, kv, h // kv, d).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, D]
     scale = 1.0 / math.sqrt(d)
     past = jnp.einsum("bkgtd,bksd->bkgts", q, k_past, preferred_element_type=jnp.float32) * scale
     past = jnp.where(past_mask[:, None, None], past, -jnp.inf)
-    own = jnp.einsum("bkgtd,bktd->bkgt", q, k_self, preferred_element_type=jnp.float32) * scale
-    top = jnp.maximum(jnp.max(past, axis=-1), own)  # finite: the own score always counts
+    own = jnp.einsum("bkgtd,bkted->bkgte", q, k_self, preferred_element_type=jnp.float32) * scale
+    top = jnp.maximum(jnp.max(past, axis=-1), jnp.max(own, axis=-1))  # finite: the own scores always count
     w_past = jnp.exp(past - top[..., None])
-    w_own = jnp.exp(own - top)
-    norm = jnp.sum(w_past, axis=-1) + w_own
+    w_own = jnp.exp(own - top[..., None])
+    norm = jnp.sum(w_past, axis=-1) + jnp.sum(w_own, axis=-1)
     out = jnp.einsum("bkgts,bksd->bkgtd", w_past.astype(v_past.dtype), v_past, preferred_element_type=jnp.float32)
-    out = (out + w_own[..., None] * v_self[:, :, None].astype(jnp.float32)) / norm[..., None]
+    out = out + jnp.einsum("bkgte,bkted->bkgtd", w_own, v_self.astype(jnp.float32))
+    out = out / norm[..., None]
     return out.astype(v_past.dtype).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
@@ -423,6 +427,40 @@ class Transformer(nnx.Module):
             back = jnp.broadcast_to(cache.recent[:, :1], candidate_ids.shape)
         x, (k, v) = self._run(candidate_ids, positions, attend, (cache.k, cache.v), back)
         return (x, (k, v, candidate_ids)) if return_kv else x
+
+    def continuations_hidden(self, continuation_ids: jax.Array, cache: KVCache, candidate_kv: Any) -> jax.Array:
+        """Hidden states ``[B, k, m, E]`` of m one-token continuations of each of k candidates.
+
+        ``continuation_ids [B, k, m]``: continuation l of candidate j sits two positions after the
+        cache and attends to the cached tokens, to candidate j (its keys/values from
+        :meth:`candidates_hidden` with ``return_kv``, ``candidate_kv = (k, v, candidate_ids)``) and
+        to itself, so each row equals appending that candidate and then that token — what a value
+        read one step after each candidate needs, without a forward per candidate.
+        """
+        continuation_ids = jnp.asarray(continuation_ids)
+        chex.assert_rank(continuation_ids, 3, custom_message="continuation_ids must be [batch, k, m]")
+        b, k, m = continuation_ids.shape
+        self._check_cache(cache, b)
+        parent_ids = candidate_kv[2]
+        chex.assert_shape(parent_ids, (b, k), custom_message="candidate_kv's candidates must be [batch, k]")
+        ids = continuation_ids.reshape(b, k * m)
+        positions = jnp.broadcast_to(cache.positions[:, None] + 1, ids.shape)
+        past = cache.kv_mask & (jnp.arange(cache.max_len)[None, :] < cache.index)
+        past = past[:, None, :] & self._window(positions, cache.kv_positions)  # [B, k·m or 1, S]
+
+        def attend(q, k_new, v_new, layer_cache):
+            k_past, v_past, k_parent, v_parent = layer_cache  # parent: [B, K, k, D] -> each continuation's
+            own_k = jnp.stack([jnp.repeat(k_parent, m, axis=2), _heads_major(k_new).astype(k_past.dtype)], axis=3)
+            own_v = jnp.stack([jnp.repeat(v_parent, m, axis=2), _heads_major(v_new).astype(v_past.dtype)], axis=3)
+            return _attention_with_self(q, k_past, v_past, past, own_k, own_v), None
+
+        back = None
+        if self.cfg.token_shift:  # n back from a continuation: the candidate (n = 1) or recent[:, 1]
+            n = self.cfg.token_shift
+            source = jnp.repeat(parent_ids, m, axis=1) if n == 1 else jnp.broadcast_to(cache.recent[:, 1:2], ids.shape)
+            back = source.astype(jnp.int32)
+        x, _ = self._run(ids, positions, attend, (cache.k, cache.v, candidate_kv[0], candidate_kv[1]), back)
+        return x.reshape(b, k, m, -1)
 
     def branches_hidden(
         self, input_ids: jax.Array, attention_mask: jax.Array | None, branch_ids: jax.Array
@@ -592,7 +630,7 @@ class Transformer(nnx.Module):
                 q, k, v = q + p["q_bias"], k + p["k_bias"], v + p["v_bias"]
             if inv_freq is not None:
                 q, k = _rope(q, positions, inv_freq), _rope(k, positions, inv_freq)
-            layer_cache = None if cache_kv is None else (cache_kv[0][layer], cache_kv[1][layer])
+            layer_cache = None if cache_kv is None else tuple(c[layer] for c in cache_kv)
             out, written = attend(q, k, v, layer_cache)
             if written is not None:
                 new_k.append(written[0])

@@ -154,6 +154,14 @@ class ValueModel(nnx.Module):
             return self.head(hidden), kv
         return self.head(self.backbone.candidates_hidden(candidate_ids, cache))
 
+    def score_continuations(self, continuation_ids: jax.Array, cache: KVCache, candidate_kv) -> jax.Array:
+        """V-type: values ``[B, k, m, (K)]`` of m one-token continuations of each candidate of a
+        :meth:`score_candidates` pass (``candidate_kv`` from its ``return_kv``), in one forward
+        (see :meth:`Transformer.continuations_hidden`)."""
+        if self.head.cfg.q_type:
+            raise ValueError("score_continuations is for V-type value models")
+        return self.head(self.backbone.continuations_hidden(continuation_ids, cache, candidate_kv))
+
     def score_branches(
         self, input_ids: jax.Array, attention_mask: jax.Array | None, branch_ids: jax.Array
     ) -> tuple[jax.Array, jax.Array]:
