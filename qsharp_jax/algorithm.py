@@ -64,6 +64,9 @@ class AlgorithmConfig:
         (in (0, 1]; 1 = off) [0.9].
       guidance: ``qsharp`` (the optimal offset; categorical head), ``cd`` (the mean return,
         CD/VAS; categorical head) or ``bernoulli`` (Q♯ for 0/1 rewards; Bernoulli head).
+      lookahead: a V-type model values each candidate one π_ref step later (its top-k
+        continuations, combined by the Bellman equation of the guidance's value; see
+        ``rollout.generate``), for models that learn a value better after the next token.
       loss: the value fit: ``categorical`` (Q♯'s distributional MLE), ``bernoulli``, ``mse``
         (scalar head) or ``categorical_bellman`` (distributional Bellman evaluation of π_ref).
       epochs: passes over all data aggregated so far, per iteration.
@@ -86,6 +89,7 @@ class AlgorithmConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     guidance: Guidance = "qsharp"
+    lookahead: bool = False
     loss: ValueLoss = "categorical"
     epochs: int = 2
     batch_size: int = 32
@@ -285,7 +289,7 @@ def _generate(cfg: AlgorithmConfig, ref: Transformer, prompts, mask, key: jax.Ar
 
 def guidance_args(cfg: AlgorithmConfig, state: TrainState) -> dict[str, Any]:
     """The guidance arguments of ``rollout.generate`` for the current value model."""
-    return dict(value_model=state.model(), guidance=cfg.guidance, eta=cfg.eta)
+    return dict(value_model=state.model(), guidance=cfg.guidance, eta=cfg.eta, lookahead=cfg.lookahead)
 
 
 def _collect(cfg: AlgorithmConfig, task: Task, ref: Transformer, state: TrainState, iteration: int):

@@ -159,7 +159,7 @@ def evaluate(
     """Test accuracy, first-step accuracy and KL to π_ref of one sample per graph of ``split``.
 
     The policy is π_ref (nothing given), π_ref guided by ``value_model`` (``guidance`` "qsharp" or
-    "cd" with ``cfg.qsharp.eta``), or a trained ``policy_model``.
+    "cd" with ``cfg.qsharp.eta`` and ``cfg.qsharp.lookahead``), or a trained ``policy_model``.
     """
     ev, g = cfg.evaluation, cfg.graph
     n = len(split.prompts)
@@ -167,7 +167,8 @@ def evaluate(
     for start in tqdm(range(0, n, ev.batch), desc=desc, disable=not progress, leave=False):
         prompts = split.prompts[start : start + ev.batch]
         mask = np.ones(prompts.shape, bool)
-        guided = {} if value_model is None else dict(value_model=value_model, guidance=guidance, eta=cfg.qsharp.eta)
+        guided = {} if value_model is None else dict(value_model=value_model, guidance=guidance, eta=cfg.qsharp.eta,
+                                                     lookahead=cfg.qsharp.lookahead)
         out = sample(cfg, policy_model if policy_model is not None else ref, prompts, mask,
                      jax.random.fold_in(jax.random.key(cfg.seed + 7), start), **guided)
         r, f = sg.score(g, split.answers[start : start + ev.batch], np.asarray(out.tokens), np.asarray(out.mask))
