@@ -76,7 +76,8 @@ class AlgorithmConfig:
       seed: every draw is keyed by (seed, iteration, row).
       keep_checkpoints: how many of the newest checkpoints to keep (>= 1).
       rollout_batch: rows per ``rollout.generate`` call; lower it when rollouts run out of memory
-        (the KV caches of π_ref and the value model, k candidates per row with V-type guidance).
+        (the KV caches of π_ref and the value model, k candidates per row with V-type guidance,
+        k² continuations per row with ``lookahead``).
       optimizer: the value model's optimizer.
     """
 
