@@ -135,9 +135,9 @@ def generate(
         offset combines the values of x y c over π_ref's top-k continuations c (probabilities
         renormalized over them) by the Bellman equation of the guidance's own value —
         exp(Q(x, y)/η) = Σ_c π̃_ref(c | x y) E_{p(x y c)}[exp(Z/η)] for ``"qsharp"`` /
-        ``"bernoulli"``, the π̃_ref-weighted mean for ``"cd"``. Exact where π_ref's continuation is
-        (nearly) certain; it reads the value where the model may have learned it better. Costs k
-        more π_ref tokens and k² value tokens per guided step.
+        ``"bernoulli"``, the π̃_ref-weighted mean for ``"cd"``: the same value up to π_ref's mass
+        outside its top-k continuations, read where the model may have learned it better. Costs
+        k more π_ref tokens and k² value tokens per guided step.
     """
     prompt_ids, prompt_mask = jnp.asarray(prompt_ids), jnp.asarray(prompt_mask).astype(bool)
     chex.assert_rank(prompt_ids, 2, custom_message="prompt_ids must be [batch, prompt_len]")
