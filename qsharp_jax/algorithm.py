@@ -64,9 +64,10 @@ class AlgorithmConfig:
         (in (0, 1]; 1 = off) [0.9].
       guidance: ``qsharp`` (the optimal offset; categorical head), ``cd`` (the mean return,
         CD/VAS; categorical head) or ``bernoulli`` (Q♯ for 0/1 rewards; Bernoulli head).
-      lookahead: a V-type model values each candidate one π_ref step later (its top-k
-        continuations, combined by the Bellman equation of the guidance's value; see
-        ``rollout.generate``), for models that learn a value better after the next token.
+      lookahead: d >= 1: a V-type model values each candidate d π_ref steps later (π_ref's most
+        likely d − 1 tokens, then its top-k continuations, combined by the Bellman equation of the
+        guidance's value; see ``rollout.generate``), for models that learn a value better further
+        on; 0: where the candidate stands.
       loss: the value fit: ``categorical`` (Q♯'s distributional MLE), ``bernoulli``, ``mse``
         (scalar head) or ``categorical_bellman`` (distributional Bellman evaluation of π_ref).
       epochs: passes over all data aggregated so far, per iteration.
@@ -77,7 +78,7 @@ class AlgorithmConfig:
       keep_checkpoints: how many of the newest checkpoints to keep (>= 1).
       rollout_batch: rows per ``rollout.generate`` call; lower it when rollouts run out of memory
         (the KV caches of π_ref and the value model, k candidates per row with V-type guidance,
-        k² continuations per row with ``lookahead``).
+        (lookahead − 1 + k)·k more tokens per row with ``lookahead``).
       optimizer: the value model's optimizer.
     """
 
@@ -90,7 +91,7 @@ class AlgorithmConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     guidance: Guidance = "qsharp"
-    lookahead: bool = False
+    lookahead: int = 0
     loss: ValueLoss = "categorical"
     epochs: int = 2
     batch_size: int = 32
@@ -105,8 +106,9 @@ class AlgorithmConfig:
         positive = ("iterations", "prompts_per_iteration", "samples_per_prompt", "max_new_tokens", "top_k", "epochs",
                     "batch_size", "keep_checkpoints", "rollout_batch")
         bad = [f"{name}={getattr(self, name)}" for name in positive if getattr(self, name) < 1]
+        bad += [f"lookahead={self.lookahead}"] if self.lookahead < 0 else []
         if bad:
-            raise ValueError(f"algorithm: these must be >= 1: {', '.join(bad)}")
+            raise ValueError(f"algorithm: these must be >= 1 (lookahead >= 0): {', '.join(bad)}")
         if not self.eta > 0:
             raise ValueError(f"algorithm.eta (the KL coefficient η) must be > 0, got {self.eta}; the official "
                              "code's `eta` flag is 1/η")

@@ -85,7 +85,7 @@ class _Spec:
     eos_id: int | None
     pad_id: int
     always_guided: bool  # no switch time: skip the per-step check whether guidance is still needed
-    lookahead: bool  # V-type: each candidate's value read one π_ref step later
+    lookahead: int  # V-type: each candidate's value read this many π_ref steps later (0: at the candidate)
 
 
 def generate(
@@ -107,7 +107,7 @@ def generate(
     atoms: jax.Array | None = None,
     cache_len: int | None = None,
     row_ids: jax.Array | None = None,
-    lookahead: bool = False,
+    lookahead: int = 0,
 ) -> Rollout:
     """Sample ``max_new_tokens`` tokens after left-padded prompts, plain or value-guided.
 
@@ -131,13 +131,16 @@ def generate(
       cache_len: KV-cache slots; default ``P + max_new_tokens``.
       row_ids: int ``[B]``, each row's identity for the random draws (default ``arange(B)``); a
         caller that splits a batch into chunks passes the global row numbers.
-      lookahead: a V-type value model's candidates are valued one π_ref step later: candidate y's
-        offset combines the values of x y c over π_ref's top-k continuations c (probabilities
+      lookahead: d >= 1: a V-type value model's candidates are valued d π_ref steps later.
+        Candidate y is followed by π_ref's most likely d − 1 tokens g (none for d = 1), and its
+        offset combines the values of x y g c over π_ref's top-k continuations c (probabilities
         renormalized over them) by the Bellman equation of the guidance's own value —
-        exp(Q(x, y)/η) = Σ_c π̃_ref(c | x y) E_{p(x y c)}[exp(Z/η)] for ``"qsharp"`` /
+        exp(Q(x, y)/η) = Σ_c π̃_ref(c | x y g) E_{p(x y g c)}[exp(Z/η)] for ``"qsharp"`` /
         ``"bernoulli"``, the π̃_ref-weighted mean for ``"cd"``: the same value up to π_ref's mass
-        outside its top-k continuations, read where the model may have learned it better. Costs
-        k more π_ref tokens and k² value tokens per guided step.
+        outside its top-k continuations (and, for d > 1, off its most likely path g), read where
+        the model may have learned it better. A path that reaches ``eos_id`` is valued at it.
+        Costs d·k more π_ref tokens and (d − 1 + k)·k value tokens per guided step.
+        ``True`` is 1; 0 / ``False``: each candidate is valued where it stands.
     """
     prompt_ids, prompt_mask = jnp.asarray(prompt_ids), jnp.asarray(prompt_mask).astype(bool)
     chex.assert_rank(prompt_ids, 2, custom_message="prompt_ids must be [batch, prompt_len]")
@@ -182,11 +185,26 @@ def generate(
             if atoms.shape != (k_atoms,):
                 raise ValueError(f"atoms has shape {atoms.shape}, the value head has {k_atoms} atoms")
         if lookahead and value_model.head_cfg.q_type:
-            raise ValueError("lookahead values a V-type model's candidates one step later; a Q-type model has none")
+            raise ValueError("lookahead values a V-type model's candidates some π_ref steps later; a Q-type model "
+                             "has none")
     elif value_model is not None:
         raise ValueError("a value_model was given but guidance=None; pass guidance='qsharp' (or 'cd', 'bernoulli')")
+    if isinstance(lookahead, bool):
+        lookahead = int(lookahead)
+    if not isinstance(lookahead, (int, np.integer)) or lookahead < 0:
+        raise ValueError(f"lookahead must be an int >= 0 (π_ref steps), got {lookahead!r}")
+    lookahead = int(lookahead)
     if lookahead and guidance is None:
-        raise ValueError("lookahead=True needs guidance and a V-type value_model")
+        raise ValueError("lookahead needs guidance and a V-type value_model")
+    if lookahead:
+        for name, model in (("π_ref", ref_model.cfg), ("the value model", value_model.backbone.cfg)):
+            need = prompt_len + max_new_tokens + lookahead
+            if model.positions == "learned" and need > model.max_positions:
+                raise ValueError(
+                    f"lookahead={lookahead} reads positions up to {need - 1}, beyond {name}'s max_positions="
+                    f"{model.max_positions} (prompt {prompt_len} + max_new_tokens {max_new_tokens} + lookahead); "
+                    "lower lookahead or max_new_tokens"
+                )
     always_guided = switch_time is None
     if switch_time is None:
         switch_time = jnp.full((batch,), max_new_tokens, jnp.int32)
@@ -199,7 +217,7 @@ def generate(
         max_new_tokens=max_new_tokens, cache_len=cache_len, guidance=guidance,
         q_type=bool(value_model is not None and value_model.head_cfg.q_type), top_k=top_k,
         temperature=float(temperature), top_p=float(top_p), eos_id=eos_id, pad_id=pad_id,
-        always_guided=always_guided, lookahead=bool(lookahead),
+        always_guided=always_guided, lookahead=lookahead,
     )
     ref_graph, ref_state = nnx.split(ref_model)
     value_graph, value_state = nnx.split(value_model) if value_model is not None else (None, None)
@@ -290,6 +308,34 @@ def _generate(ref_graph, ref_state, value_graph, value_state, prompt_ids, prompt
     def offsets_of(values):  # η and the atoms were validated in `generate`: no checks in the loop
         return guidance_lib.UNCHECKED_OFFSETS[spec.guidance](values, atoms, eta)
 
+    def ahead(ref_cache, value_cache, cand, values, kv):
+        """float ``[B, k]``: each candidate's offset read ``lookahead`` π_ref steps later (see `generate`)."""
+        vocab = value.vocab_size
+        h, ref_path = ref.paths_hidden(cand[:, :, None], ref_cache)
+        chain = [cand]
+        for _ in range(spec.lookahead - 1):  # π_ref's most likely tokens up to the last step
+            chain.append(jnp.argmax(ref.logits(h[:, :, -1])[..., :vocab], axis=-1).astype(jnp.int32))
+            h, ref_path = ref.paths_hidden(chain[-1][:, :, None], ref_cache, ref_path)
+        next_logits, next_ids = jax.lax.top_k(ref.logits(h[:, :, -1])[..., :vocab], spec.top_k)
+        log_w = jax.nn.log_softmax(next_logits, axis=-1)  # π_ref renormalized over its top-k
+        path = (tuple(x[:, :, :, None] for x in kv[0]), tuple(x[:, :, :, None] for x in kv[1]), cand[:, :, None])
+        chain_values = values[:, :, None]  # [B, k, lookahead, ...]
+        if len(chain) > 1:
+            more, path = value.score_paths(jnp.stack(chain[1:], axis=2), value_cache, path)
+            chain_values = jnp.concatenate([chain_values, more], axis=2)
+        later = offsets_of(value.score_paths(next_ids, value_cache, path, siblings=True)[0])  # [B, k, k]
+        if spec.guidance == "cd":  # a mean: the π_ref-weighted mean of the means
+            out = jnp.sum(jnp.exp(log_w) * later, axis=-1)
+        else:  # a log moment-generating function: log Σ_c π̃(c) exp(offset_c)
+            out = jax.nn.logsumexp(log_w + later, axis=-1)
+        if spec.eos_id is None:
+            return out
+        # a path that has ended is valued at its end-of-sequence token: nothing after it is sampled
+        ended = jnp.stack(chain, axis=2) == spec.eos_id  # [B, k, lookahead]
+        first = jnp.argmax(ended, axis=2).reshape(*cand.shape, 1, *([1] * (chain_values.ndim - 3)))
+        at_end = offsets_of(jnp.take_along_axis(chain_values, first, axis=2)[:, :, 0])
+        return jnp.where(jnp.any(ended, axis=2), at_end, out)
+
     def candidates(ref_logits, ref_cache, value_cache, value_out, guide_now):
         """Guidance on π_ref's top-k: guided logits there (+ a V-type model's K/V of each candidate).
 
@@ -309,15 +355,7 @@ def _generate(ref_graph, ref_state, value_graph, value_state, prompt_ids, prompt
             values, kv = value.score_candidates(cand, value_cache, return_kv=True)
             if not spec.lookahead:
                 return jnp.where(guide_now[:, None], offsets_of(values), 0.0), kv
-            after = ref.logits(ref.candidates_hidden(cand, ref_cache))[..., : value.vocab_size]  # [B, k, V]
-            next_logits, next_ids = jax.lax.top_k(after, spec.top_k)
-            log_w = jax.nn.log_softmax(next_logits, axis=-1)  # π_ref renormalized over its top-k
-            later = offsets_of(value.score_continuations(next_ids, value_cache, kv))  # [B, k, k]
-            if spec.guidance == "cd":  # a mean: the π_ref-weighted mean of the means
-                ahead = jnp.sum(jnp.exp(log_w) * later, axis=-1)
-            else:  # a log moment-generating function: log Σ_c π̃(c) exp(offset_c)
-                ahead = jax.nn.logsumexp(log_w + later, axis=-1)
-            return jnp.where(guide_now[:, None], ahead, 0.0), kv
+            return jnp.where(guide_now[:, None], ahead(ref_cache, value_cache, cand, values, kv), 0.0), kv
 
         def skip():  # everyone has switched to π_ref: the value model is not needed any more
             shape = (batch, value.backbone.cfg.num_kv_heads, spec.top_k, value.backbone.cfg.head_dim)

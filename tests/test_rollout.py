@@ -208,20 +208,27 @@ def test_bad_inputs(ref):
         generate(ref, ids, mask.at[1, -1].set(False), **kw)
     with pytest.raises(ValueError, match="guidance=None"):
         generate(ref, ids, mask, value_model=value, **kw)
-    with pytest.raises(ValueError, match="lookahead=True needs guidance"):
+    with pytest.raises(ValueError, match="lookahead needs guidance"):
         generate(ref, ids, mask, lookahead=True, **kw)
+    with pytest.raises(ValueError, match="lookahead must be an int >= 0"):
+        generate(ref, ids, mask, value_model=value, guidance="qsharp", lookahead=-1, **kw)
+    learned = ValueModel(TransformerConfig(**{**CFG.__dict__, "positions": "learned"}), HeadConfig(), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="beyond the value model's max_positions=64"):
+        generate(ref, ids, mask, value_model=learned, guidance="qsharp", lookahead=CFG.max_positions, **kw)
     with pytest.raises(ValueError, match="a Q-type model has none"):
         generate(ref, ids, mask, value_model=token_value_model(np.zeros((V, 11)), q_type=True), guidance="qsharp",
                  lookahead=True, **kw)
 
 
-@pytest.mark.parametrize("guide,lookahead", [("qsharp", False), ("qsharp", True), ("cd", True)])
-def test_guided_by_a_token_shift_value_model_equals_whole_sequence_guidance(ref, guide, lookahead):
+@pytest.mark.parametrize("guide,lookahead,eos", [("qsharp", 0, None), ("qsharp", 1, None), ("cd", 1, 3),
+                                                ("qsharp", 3, 3), ("cd", 2, None)])
+def test_guided_by_a_token_shift_value_model_equals_whole_sequence_guidance(ref, guide, lookahead, eos):
     """A V-type value model with a token shift guides decoding through the KV-cache engine: every
     step's log-probability (and KL) equals the guided policy recomputed from whole sequences (π_ref
-    on the prefix, the value model on the prefix followed by each of π_ref's top-k; with
-    ``lookahead``, on the prefix, the candidate and each of π_ref's top-k continuations of it,
-    combined by the Bellman equation of the guidance's value)."""
+    on the prefix, the value model on the prefix followed by each of π_ref's top-k; with a
+    ``lookahead`` of d, on the prefix, the candidate, π_ref's d − 1 most likely tokens after it and
+    each of π_ref's top-k continuations of those, combined by the Bellman equation of the
+    guidance's value; a path through ``eos`` valued at it)."""
     cfg = TransformerConfig(vocab_size=V, hidden_size=16, num_layers=2, num_heads=4, num_kv_heads=4, head_dim=4,
                             mlp_dim=32, max_positions=64, token_shift=2)
     graphdef, state = nnx.split(ValueModel(cfg, HeadConfig("categorical", 11), rngs=nnx.Rngs(4)))
@@ -230,19 +237,28 @@ def test_guided_by_a_token_shift_value_model_equals_whole_sequence_guidance(ref,
     eta, k, steps = 0.2, 4, 4
     atoms = jnp.linspace(0, 1, 11)
     out = generate(ref, ids, mask, key=jax.random.key(5), max_new_tokens=steps, value_model=value, guidance=guide,
-                   eta=eta, top_k=k, switch_time=jnp.array([steps, 2, steps]), lookahead=lookahead)
+                   eta=eta, top_k=k, switch_time=jnp.array([steps, 2, steps]), lookahead=lookahead, eos_id=eos)
     offset = {"qsharp": guidance.qsharp_logit_offset, "cd": guidance.cd_logit_offset}[guide]
     ones = jnp.ones((3, 1), bool)
+    reached_eos = []
 
     def value_of(seq, keep, y):  # the offset of candidates y [3] after seq, as `generate` defines it
-        seq_y, keep_y = jnp.concatenate([seq, y[:, None]], 1), jnp.concatenate([keep, ones], 1)
+        grow = lambda s, kp, tok: (jnp.concatenate([s, tok[:, None]], 1), jnp.concatenate([kp, ones], 1))  # noqa: E731
+        seq, keep = grow(seq, keep, y)
         if not lookahead:
-            return offset(value(seq_y, keep_y)[:, -1], atoms, eta)
-        top_logits, nxt = jax.lax.top_k(ref(seq_y, keep_y)[:, -1], k)
-        later = jnp.stack([offset(value(jnp.concatenate([seq_y, nxt[:, c:c + 1]], 1), jnp.concatenate([keep_y, ones], 1))[:, -1],
-                                  atoms, eta) for c in range(k)], 1)
+            return offset(value(seq, keep)[:, -1], atoms, eta)
+        ended, at_end = y == eos, offset(value(seq, keep)[:, -1], atoms, eta)
+        for _ in range(lookahead - 1):
+            seq, keep = grow(seq, keep, jnp.argmax(ref(seq, keep)[:, -1], -1))
+            now = (seq[:, -1] == eos) & ~ended
+            at_end = jnp.where(now, offset(value(seq, keep)[:, -1], atoms, eta), at_end)
+            ended = ended | now
+        top_logits, nxt = jax.lax.top_k(ref(seq, keep)[:, -1], k)
+        later = jnp.stack([offset(value(*grow(seq, keep, nxt[:, c]))[:, -1], atoms, eta) for c in range(k)], 1)
         w = jax.nn.softmax(top_logits, axis=-1)
-        return jnp.sum(w * later, -1) if guide == "cd" else jnp.log(jnp.sum(w * jnp.exp(later), -1))
+        mixed = jnp.sum(w * later, -1) if guide == "cd" else jnp.log(jnp.sum(w * jnp.exp(later), -1))
+        reached_eos.append(np.asarray(ended))
+        return jnp.where(ended, at_end, mixed)
 
     tokens = np.asarray(out.tokens)
 
@@ -258,14 +274,17 @@ def test_guided_by_a_token_shift_value_model_equals_whole_sequence_guidance(ref,
                            ref_logits)
         kth = jnp.sort(guided, axis=-1)[:, -k][:, None]
         log_policy = jax.nn.log_softmax(jnp.where(guided < kth, -jnp.inf, guided), axis=-1)
-        np.testing.assert_allclose(out.logprobs[:, t], np.take_along_axis(np.asarray(log_policy), tokens[:, t:t + 1], 1)[:, 0],
-                                   atol=1e-4, err_msg=f"step {t}")
+        active = np.asarray(out.mask[:, t])
+        np.testing.assert_allclose(
+            np.asarray(out.logprobs[:, t])[active],
+            np.take_along_axis(np.asarray(log_policy), tokens[:, t:t + 1], 1)[active, 0], atol=1e-4, err_msg=f"step {t}",
+        )
         log_p, log_ref = np.asarray(log_policy, np.float64), np.asarray(jax.nn.log_softmax(ref_logits), np.float64)
-        kl += np.sum(np.exp(log_p) * np.where(np.isfinite(log_p), log_p - log_ref, 0.0), axis=-1)
+        kl += active * np.sum(np.exp(log_p) * np.where(np.isfinite(log_p), log_p - log_ref, 0.0), axis=-1)
     np.testing.assert_allclose(out.kl, kl, rtol=1e-3)
-    if guide == "qsharp":  # the look-ahead changes the policy here: it is not the plain guidance again
+    if eos is not None and lookahead:  # the end-of-sequence rule was exercised
+        assert np.any(reached_eos)
+    if lookahead:  # the look-ahead changes the policy here: it is not the plain guidance again
         plain = generate(ref, ids, mask, key=jax.random.key(5), max_new_tokens=1, value_model=value, guidance=guide,
                          eta=eta, top_k=k)
-        direct = generate(ref, ids, mask, key=jax.random.key(5), max_new_tokens=1, value_model=value, guidance=guide,
-                          eta=eta, top_k=k, lookahead=True)
-        assert np.abs(np.asarray(plain.logprobs) - np.asarray(direct.logprobs)).max() > 1e-3
+        assert np.abs(np.asarray(plain.logprobs) - np.asarray(out.logprobs[:, 0])).max() > 1e-3

@@ -196,7 +196,7 @@ def test_token_shift_adds_the_embedding_of_the_real_token_n_back():
 @pytest.mark.parametrize("n", [0, 1, 3])
 def test_cached_paths_equal_whole_sequences(n):
     """The KV-cache engine, with a token shift of n or none: prefill, decoding with inactive rows,
-    candidate scoring, continuations of the candidates, committing a candidate and Bellman branches
+    candidate scoring, paths (chains extended in two calls, and siblings after them), committing a candidate and Bellman branches
     each equal the whole-sequence forward of the same real tokens (interior padding included: the
     shift reads real tokens)."""
     from qsharp_jax.models.build import ModelSpec, build_reference
@@ -226,14 +226,23 @@ def test_cached_paths_equal_whole_sequences(n):
     for j in range(4):
         appended = np.concatenate([seq, candidates[:, j:j + 1]], 1), np.concatenate([keep, np.ones((2, 1), bool)], 1)
         np.testing.assert_allclose(np.asarray(scored)[:, j], last(*appended), atol=1e-5)
-    continuations = jnp.asarray(rng.integers(0, 9, (2, 4, 3)), jnp.int32)
-    after = np.asarray(model.continuations_hidden(continuations, cache, kv))
-    assert after.shape == (2, 4, 3, 16)
+    # paths: a chain of 2 tokens, extended by 1 more, then 3 siblings after it
+    chains = jnp.asarray(rng.integers(0, 9, (2, 4, 3)), jnp.int32)
+    first, path = model.paths_hidden(chains[:, :, :2], cache)
+    second, path = model.paths_hidden(chains[:, :, 2:], cache, path)
+    np.testing.assert_array_equal(path[2], chains)
+    siblings = jnp.asarray(rng.integers(0, 9, (2, 4, 3)), jnp.int32)
+    after, same = model.paths_hidden(siblings, cache, path, siblings=True)
+    assert after.shape == (2, 4, 3, 16) and same[2].shape == (2, 4, 3)
+    along = np.concatenate([np.asarray(first), np.asarray(second)], 2)
     for j in range(4):
-        for c in range(3):
-            appended = (np.concatenate([seq, candidates[:, j:j + 1], continuations[:, j, c:c + 1]], 1),
-                        np.concatenate([keep, np.ones((2, 2), bool)], 1))
-            np.testing.assert_allclose(after[:, j, c], last(*appended), atol=1e-5, err_msg=f"candidate {j}, next {c}")
+        for t in range(3):
+            appended = np.concatenate([seq, chains[:, j, :t + 1]], 1), np.concatenate([keep, np.ones((2, t + 1), bool)], 1)
+            np.testing.assert_allclose(along[:, j, t], last(*appended), atol=1e-5, err_msg=f"path {j}, token {t}")
+            appended = (np.concatenate([seq, chains[:, j], siblings[:, j, t:t + 1]], 1),
+                        np.concatenate([keep, np.ones((2, 4), bool)], 1))
+            np.testing.assert_allclose(np.asarray(after)[:, j, t], last(*appended), atol=1e-5,
+                                       err_msg=f"path {j}, sibling {t}")
     choice = jnp.array([3, 1])
     committed = model.commit_candidate(cache, kv, choice)
     _, extended = model.extend_hidden(jnp.take_along_axis(candidates, choice[:, None], 1), cache)

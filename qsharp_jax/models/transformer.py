@@ -232,37 +232,44 @@ def linear(x: jax.Array, weight: jax.Array, out_dtype=None) -> jax.Array:
     return jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=out_dtype)
 
 
-def _attention_with_self(
-    q: jax.Array, k_past: jax.Array, v_past: jax.Array, past_mask: jax.Array, k_self: jax.Array, v_self: jax.Array
+def _attention_with_paths(
+    q: jax.Array, k_past: jax.Array, v_past: jax.Array, past_mask: jax.Array, k_own: jax.Array, v_own: jax.Array,
+    own_mask: jax.Array,
 ) -> jax.Array:
-    """Attention of each query to the cached keys and to its own key only.
+    """Attention of the tokens of P paths to the cached keys and to their own path's keys.
 
     Args:
-      q: ``[B, T, H, D]``; k_past, v_past: ``[B, K, S, D]``; past_mask: bool ``[B, T or 1, S]``;
-      k_self, v_self: ``[B, K, T, D]`` (query t's own key and value), or ``[B, K, T, E, D]``: E
-        keys and values of query t's own (its own last: a parent candidate, then itself).
+      q: ``[B, P·T, H, D]``, path-major (T queries of path 0, then path 1, ...); k_past, v_past:
+        ``[B, K, S, D]``; past_mask: bool ``[B, P·T or 1, S]``; k_own, v_own: ``[B, K, P, O, D]``,
+        each path's own keys and values; own_mask: bool ``[T, O]``, which own keys query t sees
+        (at least one each).
 
     Returns:
-      ``[B, T, H, D]``, equal to :func:`attention` over the cache concatenated with a diagonal
-      block, without copying the cache.
+      ``[B, P·T, H, D]``, equal to :func:`attention` over the cache concatenated with each path's
+      keys, without copying the cache per path.
     """
-    b, t, h, d = q.shape
-    kv = k_past.shape[1]
-    if k_self.ndim == 4:
-        k_self, v_self = k_self[:, :, :, None], v_self[:, :, :, None]
-    q = q.reshape(b, t, kv, h // kv, d).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, D]
+    b, pt, h, d = q.shape
+    kv, p, o = k_own.shape[1], k_own.shape[2], k_own.shape[3]
+    t, g = pt // p, h // kv
+    q = q.reshape(b, pt, kv, g, d).transpose(0, 2, 3, 1, 4)  # [B, K, G, P·T, D]
     scale = 1.0 / math.sqrt(d)
-    past = jnp.einsum("bkgtd,bksd->bkgts", q, k_past, preferred_element_type=jnp.float32) * scale
+    past = jnp.einsum("bkgqd,bksd->bkgqs", q, k_past, preferred_element_type=jnp.float32) * scale
     past = jnp.where(past_mask[:, None, None], past, -jnp.inf)
-    own = jnp.einsum("bkgtd,bkted->bkgte", q, k_self, preferred_element_type=jnp.float32) * scale
-    top = jnp.maximum(jnp.max(past, axis=-1), jnp.max(own, axis=-1))  # finite: the own scores always count
+    own = jnp.einsum("bkgptd,bkpod->bkgpto", q.reshape(b, kv, g, p, t, d), k_own,
+                     preferred_element_type=jnp.float32) * scale
+    own = jnp.where(own_mask, own, -jnp.inf).reshape(b, kv, g, pt, o)
+    top = jnp.maximum(jnp.max(past, axis=-1), jnp.max(own, axis=-1))  # finite: every query sees an own key
     w_past = jnp.exp(past - top[..., None])
     w_own = jnp.exp(own - top[..., None])
     norm = jnp.sum(w_past, axis=-1) + jnp.sum(w_own, axis=-1)
-    out = jnp.einsum("bkgts,bksd->bkgtd", w_past.astype(v_past.dtype), v_past, preferred_element_type=jnp.float32)
-    out = out + jnp.einsum("bkgte,bkted->bkgtd", w_own, v_self.astype(jnp.float32))
+    out = jnp.einsum("bkgqs,bksd->bkgqd", w_past.astype(v_past.dtype), v_past, preferred_element_type=jnp.float32)
+    out = out + jnp.einsum("bkgpto,bkpod->bkgptd", w_own.reshape(b, kv, g, p, t, o),
+                           v_own.astype(jnp.float32)).reshape(b, kv, g, pt, d)
     out = out / norm[..., None]
-    return out.astype(v_past.dtype).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
+    return out.astype(v_past.dtype).transpose(0, 3, 1, 2, 4).reshape(b, pt, h, d)
+
+
+_ALONE = np.ones((1, 1), bool)  # a path of one token sees itself
 
 
 def _heads_major(x: jax.Array) -> jax.Array:
@@ -413,14 +420,14 @@ class Transformer(nnx.Module):
         candidate_ids, _ = self._check_ids(candidate_ids, None)
         self._check_cache(cache, candidate_ids.shape[0])
         positions = jnp.broadcast_to(cache.positions[:, None], candidate_ids.shape)
-        past = cache.kv_mask & (jnp.arange(cache.max_len)[None, :] < cache.index)
-        past = past[:, None, :] & self._window(positions, cache.kv_positions)  # [B, k or 1, S]
+        past = self._cached_keys(cache, positions)
 
         def attend(q, k_new, v_new, layer_cache):
             k_past, v_past = layer_cache
             k_new = _heads_major(k_new).astype(k_past.dtype)
             v_new = _heads_major(v_new).astype(v_past.dtype)
-            return _attention_with_self(q, k_past, v_past, past, k_new, v_new), (k_new, v_new)
+            out = _attention_with_paths(q, k_past, v_past, past, k_new[:, :, :, None], v_new[:, :, :, None], _ALONE)
+            return out, (k_new, v_new)
 
         back = None
         if self.cfg.token_shift:  # every candidate is the next real token: n back is the oldest recent one
@@ -428,39 +435,56 @@ class Transformer(nnx.Module):
         x, (k, v) = self._run(candidate_ids, positions, attend, (cache.k, cache.v), back)
         return (x, (k, v, candidate_ids)) if return_kv else x
 
-    def continuations_hidden(self, continuation_ids: jax.Array, cache: KVCache, candidate_kv: Any) -> jax.Array:
-        """Hidden states ``[B, k, m, E]`` of m one-token continuations of each of k candidates.
+    def paths_hidden(
+        self, path_ids: jax.Array, cache: KVCache, prefix: Any = None, *, siblings: bool = False
+    ) -> tuple[jax.Array, Any]:
+        """Hidden states ``[B, P, T, E]`` of tokens that extend P paths per sequence, in one forward.
 
-        ``continuation_ids [B, k, m]``: continuation l of candidate j sits two positions after the
-        cache and attends to the cached tokens, to candidate j (its keys/values from
-        :meth:`candidates_hidden` with ``return_kv``, ``candidate_kv = (k, v, candidate_ids)``) and
-        to itself, so each row equals appending that candidate and then that token — what a value
-        read one step after each candidate needs, without a forward per candidate.
+        Path j of sequence b continues b's cached tokens with its ``prefix`` (the ``(k, v, ids)``
+        of its earlier tokens that a previous call returned, per layer ``[B, kv_heads, P, L, head_dim]``
+        and ids ``[B, P, L]``; None: an empty one) and then ``path_ids[b, j]`` ``[B, P, T]``:
+        a chain (token t attends to the cache, the prefix and its path's tokens up to t: each row
+        equals appending the prefix and ``path_ids[b, j, :t + 1]``), or with ``siblings`` T
+        alternatives of the path's next token (each attends to the cache, the prefix and itself).
+        The cache is unchanged. Returns ``(hidden, path)``: ``path`` is the prefix followed by the
+        chain, to extend by another call (the prefix itself for siblings) — what a look-ahead along
+        π_ref's continuations of k candidates needs without a forward per candidate.
         """
-        continuation_ids = jnp.asarray(continuation_ids)
-        chex.assert_rank(continuation_ids, 3, custom_message="continuation_ids must be [batch, k, m]")
-        b, k, m = continuation_ids.shape
+        path_ids = jnp.asarray(path_ids)
+        chex.assert_rank(path_ids, 3, custom_message="path_ids must be [batch, paths, tokens]")
+        b, p, t = path_ids.shape
         self._check_cache(cache, b)
-        parent_ids = candidate_kv[2]
-        chex.assert_shape(parent_ids, (b, k), custom_message="candidate_kv's candidates must be [batch, k]")
-        ids = continuation_ids.reshape(b, k * m)
-        positions = jnp.broadcast_to(cache.positions[:, None] + 1, ids.shape)
-        past = cache.kv_mask & (jnp.arange(cache.max_len)[None, :] < cache.index)
-        past = past[:, None, :] & self._window(positions, cache.kv_positions)  # [B, k·m or 1, S]
+        c = self.cfg
+        if prefix is None:
+            empty = jnp.zeros((b, c.num_kv_heads, p, 0, c.head_dim), cache.k[0].dtype)
+            prefix = ((empty,) * c.num_layers, (empty,) * c.num_layers, jnp.zeros((b, p, 0), jnp.int32))
+        pre_k, pre_v, pre_ids = prefix
+        chex.assert_shape(pre_ids, (b, p, None), custom_message="the prefix's ids must be [batch, paths, length]")
+        length = pre_ids.shape[2]
+        offsets = jnp.full((t,), length) if siblings else length + jnp.arange(t)
+        positions = (cache.positions[:, None, None] + offsets).reshape(b, 1, t)
+        positions = jnp.broadcast_to(positions, (b, p, t)).reshape(b, p * t)
+        past = self._cached_keys(cache, positions)
+        # each token's own keys: its prefix, then its chain up to itself (siblings: itself only)
+        new = jnp.eye(t, dtype=bool) if siblings else jnp.tril(jnp.ones((t, t), bool))
+        own_mask = jnp.concatenate([jnp.ones((t, length), bool), new], axis=1)
 
         def attend(q, k_new, v_new, layer_cache):
-            k_past, v_past, k_parent, v_parent = layer_cache  # parent: [B, K, k, D] -> each continuation's
-            own_k = jnp.stack([jnp.repeat(k_parent, m, axis=2), _heads_major(k_new).astype(k_past.dtype)], axis=3)
-            own_v = jnp.stack([jnp.repeat(v_parent, m, axis=2), _heads_major(v_new).astype(v_past.dtype)], axis=3)
-            return _attention_with_self(q, k_past, v_past, past, own_k, own_v), None
+            k_past, v_past, k_pre, v_pre = layer_cache
+            shape = (b, c.num_kv_heads, p, t, c.head_dim)
+            k_own = jnp.concatenate([k_pre, _heads_major(k_new).astype(k_past.dtype).reshape(shape)], axis=3)
+            v_own = jnp.concatenate([v_pre, _heads_major(v_new).astype(v_past.dtype).reshape(shape)], axis=3)
+            out = _attention_with_paths(q, k_past, v_past, past, k_own, v_own, own_mask)
+            return out, (k_pre, v_pre) if siblings else (k_own, v_own)
 
         back = None
-        if self.cfg.token_shift:  # n back from a continuation: the candidate (n = 1) or recent[:, 1]
-            n = self.cfg.token_shift
-            source = jnp.repeat(parent_ids, m, axis=1) if n == 1 else jnp.broadcast_to(cache.recent[:, 1:2], ids.shape)
-            back = source.astype(jnp.int32)
-        x, _ = self._run(ids, positions, attend, (cache.k, cache.v, candidate_kv[0], candidate_kv[1]), back)
-        return x.reshape(b, k, m, -1)
+        if c.token_shift:  # the stream: the cache's last n real tokens, the prefix, the chain
+            stream = jnp.concatenate([jnp.broadcast_to(cache.recent[:, None], (b, p, c.token_shift)),
+                                      pre_ids.astype(jnp.int32), path_ids.astype(jnp.int32)], axis=2)
+            back = jnp.take(stream, offsets, axis=2).reshape(b, p * t)  # n back of offset o: stream entry o
+        x, (k, v) = self._run(path_ids.reshape(b, p * t), positions, attend, (cache.k, cache.v, pre_k, pre_v), back)
+        ids = pre_ids if siblings else jnp.concatenate([pre_ids, path_ids.astype(jnp.int32)], axis=2)
+        return x.reshape(b, p, t, -1), (k, v, ids)
 
     def branches_hidden(
         self, input_ids: jax.Array, attention_mask: jax.Array | None, branch_ids: jax.Array
@@ -499,8 +523,9 @@ class Transformer(nnx.Module):
         def attend(q, k_all, v_all, _):
             k_seq, v_seq = _heads_major(k_all[:, :t]), _heads_major(v_all[:, :t])
             main = attention(q[:, :t], k_seq, v_seq, allowed)
-            branches = _attention_with_self(
-                q[:, t:], k_seq, v_seq, past, _heads_major(k_all[:, t:]), _heads_major(v_all[:, t:])
+            branches = _attention_with_paths(  # each branch a path of one token
+                q[:, t:], k_seq, v_seq, past, _heads_major(k_all[:, t:])[:, :, :, None],
+                _heads_major(v_all[:, t:])[:, :, :, None], _ALONE,
             )
             return jnp.concatenate([main, branches], axis=1), None
 
@@ -571,6 +596,11 @@ class Transformer(nnx.Module):
         if self.cfg.sliding_window is None:
             return jnp.ones((), bool)
         return (q_positions[:, :, None] - k_positions[:, None, :]) < self.cfg.sliding_window
+
+    def _cached_keys(self, cache: KVCache, positions: jax.Array) -> jax.Array:
+        """bool ``[B, T or 1, S]``: the cache slots that queries at ``positions [B, T]`` attend to."""
+        past = cache.kv_mask & (jnp.arange(cache.max_len)[None, :] < cache.index)
+        return past[:, None, :] & self._window(positions, cache.kv_positions)
 
     def _no_recent(self, batch: int) -> jax.Array:
         return jnp.full((batch, self.cfg.token_shift), -1, jnp.int32)

@@ -154,13 +154,14 @@ class ValueModel(nnx.Module):
             return self.head(hidden), kv
         return self.head(self.backbone.candidates_hidden(candidate_ids, cache))
 
-    def score_continuations(self, continuation_ids: jax.Array, cache: KVCache, candidate_kv) -> jax.Array:
-        """V-type: values ``[B, k, m, (K)]`` of m one-token continuations of each candidate of a
-        :meth:`score_candidates` pass (``candidate_kv`` from its ``return_kv``), in one forward
-        (see :meth:`Transformer.continuations_hidden`)."""
+    def score_paths(self, path_ids: jax.Array, cache: KVCache, prefix=None, *, siblings: bool = False):
+        """V-type: values ``[B, P, T, (K)]`` of tokens extending P paths per sequence, in one forward,
+        and the extended path (see :meth:`Transformer.paths_hidden`; a :meth:`score_candidates`
+        ``return_kv`` is not a prefix: its keys are ``[B, kv_heads, k, head_dim]``)."""
         if self.head.cfg.q_type:
-            raise ValueError("score_continuations is for V-type value models")
-        return self.head(self.backbone.continuations_hidden(continuation_ids, cache, candidate_kv))
+            raise ValueError("score_paths is for V-type value models")
+        hidden, path = self.backbone.paths_hidden(path_ids, cache, prefix, siblings=siblings)
+        return self.head(hidden), path
 
     def score_branches(
         self, input_ids: jax.Array, attention_mask: jax.Array | None, branch_ids: jax.Array
