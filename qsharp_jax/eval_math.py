@@ -50,6 +50,8 @@ class EvalMathConfig:
         ``bernoulli`` (Bernoulli head).
       samples: completions per problem; maj1@samples is the majority vote over all of them.
       eta: η of the guided methods (0: the run's ``algorithm.eta``).
+      lookahead: π_ref steps after each candidate at which a V-type value is read (see
+        ``rollout.generate``; None: the run's ``algorithm.lookahead``).
       sweep: more η at which the guided methods are sampled (pass@1 and KL: the trade-off curve).
       temperature, top_p, max_new_tokens: of the final policies (0: the run's).
       max_problems: evaluate the first this-many problems (0: all).
@@ -64,6 +66,7 @@ class EvalMathConfig:
     methods: tuple[Method, ...] = ("pretrained", "cd", "qsharp")
     samples: int = 8
     eta: float = 0.0
+    lookahead: int | None = None
     sweep: tuple[float, ...] = ()
     temperature: float = 0.0
     top_p: float = 0.0
@@ -78,6 +81,7 @@ class EvalMathConfig:
         if not self.run:
             raise ValueError("eval-math needs a run: a run directory of `qsharp train` or its config YAML")
         bad = [f"{k}={getattr(self, k)}" for k in ("samples", "resamples") if getattr(self, k) < 1]
+        bad += [f"lookahead={self.lookahead}"] if self.lookahead is not None and self.lookahead < 0 else []
         bad += [f"{k}={getattr(self, k)}" for k in ("eta", "temperature", "top_p", "max_new_tokens", "max_problems",
                                                      "batch") if getattr(self, k) < 0]
         bad += [f"sweep has η={e}" for e in self.sweep if not e > 0]
@@ -144,13 +148,15 @@ class Sampling:
 
 
 def sample_method(task: MathTask, ref, value_model, method: str, eta: float, ids: np.ndarray, mask: np.ndarray,
-                  golds: list[str], sampling: Sampling, *, progress: bool = True) -> tuple[Samples, np.ndarray]:
+                  golds: list[str], sampling: Sampling, *, lookahead: int = 0, progress: bool = True
+                  ) -> tuple[Samples, np.ndarray]:
     """``sampling.samples`` completions per problem of one method (``value_model`` None for
     ``pretrained``): their answers, correctness and the guidance's KL (:class:`Samples`), and the
     sampled policy's KL float ``[problems, samples]``."""
     k = sampling.samples
     prompts, prompt_mask = np.repeat(ids, k, axis=0), np.repeat(mask, k, axis=0)
-    guided = {} if method == "pretrained" else dict(value_model=value_model, guidance=method, eta=eta)
+    guided = {} if method == "pretrained" else dict(value_model=value_model, guidance=method, eta=eta,
+                                                    lookahead=lookahead)
     repeated = [g for g in golds for _ in range(k)]
 
     def score(rows, out):  # beside the next chunk's decoding: (correct, answer) per row
@@ -192,8 +198,8 @@ def report(samples: Samples, policy_kl: np.ndarray, problems: list[Problem], *, 
 
 def evaluate_methods(task: MathTask, ref, value_model, problems: list[Problem], ids: np.ndarray, mask: np.ndarray,
                      sampling: Sampling, *, methods: tuple[str, ...], eta: float, sweep: tuple[float, ...] = (),
-                     sweep_sampling: Sampling | None = None, resamples: int = 2000, progress: bool = True
-                     ) -> tuple[dict[str, Any], dict[str, Samples]]:
+                     sweep_sampling: Sampling | None = None, resamples: int = 2000, lookahead: int = 0,
+                     progress: bool = True) -> tuple[dict[str, Any], dict[str, Samples]]:
     """Every method's :func:`report` at η, and pass@1 / KL of the guided ones at each η of
     ``sweep`` (sampled with ``sweep_sampling``, default ``sampling``): ``({"methods", "sweep"},
     {method: Samples})``."""
@@ -203,7 +209,7 @@ def evaluate_methods(task: MathTask, ref, value_model, problems: list[Problem], 
     for method in methods:
         before = task.timeouts
         all_samples[method], policy_kl = sample_method(task, ref, value_model, method, eta, ids, mask, golds, sampling,
-                                                       progress=progress)
+                                                       lookahead=lookahead, progress=progress)
         results["methods"][method] = report(all_samples[method], policy_kl, problems, seed=sampling.seed,
                                             resamples=resamples, timeouts=task.timeouts - before)
     sweep_sampling = sweep_sampling or sampling
@@ -213,7 +219,7 @@ def evaluate_methods(task: MathTask, ref, value_model, problems: list[Problem], 
                 s = all_samples[method]
             else:
                 s = sample_method(task, ref, value_model, method, sweep_eta, ids, mask, golds, sweep_sampling,
-                                  progress=progress)[0]
+                                  lookahead=lookahead, progress=progress)[0]
             results["sweep"].append({"eta": sweep_eta, "method": method, "pass@1": float(np.mean(s.correct)),
                                      "kl": float(np.mean(s.kl))})
     return results, all_samples
@@ -229,18 +235,19 @@ def evaluate_math(cfg: EvalMathConfig, *, progress: bool = True) -> dict[str, An
         ids, mask, problems = _problems(cfg, run_cfg, task)
         algo = run_cfg.algorithm
         eta = cfg.eta or algo.eta
+        lookahead = algo.lookahead if cfg.lookahead is None else cfg.lookahead
         sampling = Sampling(samples=cfg.samples, batch=cfg.batch or algo.rollout_batch, seed=cfg.seed, settings=dict(
             max_new_tokens=cfg.max_new_tokens or algo.max_new_tokens, top_k=algo.top_k,
             temperature=cfg.temperature or algo.temperature, top_p=cfg.top_p or algo.top_p, eos_id=task.eos_id,
             pad_id=task.pad_id))
         results: dict[str, Any] = {
             "run": str(run_dir), "test_file": cfg.test_file or "(the run's evaluation problems)",
-            "problems": len(problems), "samples": cfg.samples, "eta": eta, "seed": cfg.seed,
+            "problems": len(problems), "samples": cfg.samples, "eta": eta, "lookahead": int(lookahead), "seed": cfg.seed,
             "temperature": sampling.settings["temperature"], "top_p": sampling.settings["top_p"],
             "max_new_tokens": sampling.settings["max_new_tokens"]}
         evaluated, all_samples = evaluate_methods(
             task, ref, None if state is None else state.model(), problems, ids, mask, sampling, methods=cfg.methods,
-            eta=eta, sweep=cfg.sweep, resamples=cfg.resamples, progress=progress)
+            eta=eta, sweep=cfg.sweep, resamples=cfg.resamples, lookahead=lookahead, progress=progress)
         results.update(evaluated)
         write(out_dir, results, all_samples, problems)
         return results

@@ -131,7 +131,7 @@ def test_preference_pairs_need_a_wrong_sample(tmp_path):
                              lambda *a: exp.sample(cfg, *a), always_right, progress=False)
 
 
-@pytest.mark.parametrize("name", ["demo", "g2_5_small", "g2_5", "g5_5", "g3_8"])
+@pytest.mark.parametrize("name", ["demo", "g2_5_small", "g2_5_lookahead", "g2_5", "g5_5", "g3_8"])
 def test_shipped_configs_load(name):
     from pathlib import Path
 
