@@ -106,9 +106,10 @@ class AlgorithmConfig:
         positive = ("iterations", "prompts_per_iteration", "samples_per_prompt", "max_new_tokens", "top_k", "epochs",
                     "batch_size", "keep_checkpoints", "rollout_batch")
         bad = [f"{name}={getattr(self, name)}" for name in positive if getattr(self, name) < 1]
-        bad += [f"lookahead={self.lookahead}"] if self.lookahead < 0 else []
         if bad:
-            raise ValueError(f"algorithm: these must be >= 1 (lookahead >= 0): {', '.join(bad)}")
+            raise ValueError(f"algorithm: these must be >= 1: {', '.join(bad)}")
+        if self.lookahead < 0:
+            raise ValueError(f"algorithm.lookahead (π_ref steps) must be >= 0, got {self.lookahead}")
         if not self.eta > 0:
             raise ValueError(f"algorithm.eta (the KL coefficient η) must be > 0, got {self.eta}; the official "
                              "code's `eta` flag is 1/η")
