@@ -461,13 +461,12 @@ class Transformer(nnx.Module):
         pre_k, pre_v, pre_ids = prefix
         chex.assert_shape(pre_ids, (b, p, None), custom_message="the prefix's ids must be [batch, paths, length]")
         length = pre_ids.shape[2]
-        offsets = jnp.full((t,), length) if siblings else length + jnp.arange(t)
-        positions = (cache.positions[:, None, None] + offsets).reshape(b, 1, t)
-        positions = jnp.broadcast_to(positions, (b, p, t)).reshape(b, p * t)
+        offsets = np.full((t,), length) if siblings else length + np.arange(t)
+        positions = jnp.broadcast_to(cache.positions[:, None, None] + offsets, (b, p, t)).reshape(b, p * t)
         past = self._cached_keys(cache, positions)
         # each token's own keys: its prefix, then its chain up to itself (siblings: itself only)
-        new = jnp.eye(t, dtype=bool) if siblings else jnp.tril(jnp.ones((t, t), bool))
-        own_mask = jnp.concatenate([jnp.ones((t, length), bool), new], axis=1)
+        new = np.eye(t, dtype=bool) if siblings else np.tri(t, dtype=bool)
+        own_mask = np.concatenate([np.ones((t, length), bool), new], axis=1)
 
         def attend(q, k_new, v_new, layer_cache):
             k_past, v_past, k_pre, v_pre = layer_cache
