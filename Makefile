@@ -32,7 +32,8 @@ test: install-dev
 test-faults: install-dev
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) -m faults tests/test_faults.py
 
-# the star-graph experiment end to end (π_ref pretraining, Q♯, CD, REINFORCE, DPO, RPO) into runs/demo
+# the star-graph experiment on the paper's G(2, 5) end to end (π_ref pretraining, Q♯, CD, REINFORCE, DPO,
+# RPO) into runs/demo (~17 min on 2 cores)
 demo: install
 	$(PY) -m experiments.star_graph experiments/star_graph/demo.yaml
 

@@ -67,7 +67,8 @@ class AlgorithmConfig:
       lookahead: d >= 1: a V-type model values each candidate d π_ref steps later (π_ref's most
         likely d − 1 tokens, then its top-k continuations, combined by the Bellman equation of the
         guidance's value; see ``rollout.generate``), for models that learn a value better further
-        on; 0: where the candidate stands.
+        on; 0: where the candidate stands. ``true`` / ``false`` (configs and run directories written
+        when this was a flag) read as 1 / 0.
       loss: the value fit: ``categorical`` (Q♯'s distributional MLE), ``bernoulli``, ``mse``
         (scalar head) or ``categorical_bellman`` (distributional Bellman evaluation of π_ref).
       epochs: passes over all data aggregated so far, per iteration.
@@ -91,7 +92,7 @@ class AlgorithmConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     guidance: Guidance = "qsharp"
-    lookahead: int = 0
+    lookahead: int | bool = 0
     loss: ValueLoss = "categorical"
     epochs: int = 2
     batch_size: int = 32
@@ -108,6 +109,8 @@ class AlgorithmConfig:
         bad = [f"{name}={getattr(self, name)}" for name in positive if getattr(self, name) < 1]
         if bad:
             raise ValueError(f"algorithm: these must be >= 1: {', '.join(bad)}")
+        if isinstance(self.lookahead, bool):
+            object.__setattr__(self, "lookahead", int(self.lookahead))
         if self.lookahead < 0:
             raise ValueError(f"algorithm.lookahead (π_ref steps) must be >= 0, got {self.lookahead}")
         if not self.eta > 0:

@@ -87,3 +87,14 @@ def test_a_config_saved_before_a_field_existed_resumes_with_its_default():
         "algorithm.top_p (saved 1.0, now 0.9)"]
     assert config.differences(saved, {"algorithm": {"eta": 0.1, "top_p": 1.0}}) == [
         "algorithm.top_p (saved None, now 1.0)"]
+
+
+@pytest.mark.parametrize("raw,steps", [("true", 1), ("false", 0), ("3", 3)])
+def test_lookahead_written_as_a_flag_reads_as_steps(raw, steps):
+    """``algorithm.lookahead`` was a flag before it counted π_ref steps: old configs still load."""
+    from qsharp_jax.algorithm import AlgorithmConfig
+
+    cfg = config.load(AlgorithmConfig, None, [f"lookahead={raw}"])
+    assert cfg.lookahead == steps and type(cfg.lookahead) is int
+    with pytest.raises(ValueError, match="lookahead .* must be >= 0"):
+        config.load(AlgorithmConfig, None, ["lookahead=-1"])

@@ -73,11 +73,15 @@ def test_llama3_tokenizer_fresh_models_train_and_eval_math(tmp_path, data, capsy
     assert "| π_ref |" in printed and "| Q♯ |" in printed and "| CD |" in printed
     results = check_eval(run_dir / "eval", ("pretrained", "cd", "qsharp"), 3)
     assert results["methods"]["qsharp"]["kl"] > 0 and results["top_p"] == 0.9
+    assert results["lookahead"] == 0  # the run's algorithm.lookahead
     assert {s["method"] for s in results["sweep"]} == {"cd", "qsharp"} and (run_dir / "eval" / "kl_sweep.png").exists()
 
 
-def test_qwen2_checkpoint_with_its_saved_tokenizer(tmp_path, data, capsys):
+def test_qwen2_checkpoint_with_its_saved_tokenizer(tmp_path, data, capsys, monkeypatch):
+    """... and eval-math's own ``lookahead`` reaches the guided decoding (and only it)."""
     from hf_fixtures import make_checkpoint
+
+    from qsharp_jax import rollout
 
     from qsharp_jax.models.tokenizers import qwen2_tokenizer
 
@@ -93,6 +97,14 @@ def test_qwen2_checkpoint_with_its_saved_tokenizer(tmp_path, data, capsys):
     models = [f"reference.hf_path={ckpt}", f"value.hf_path={ckpt}"]
     assert cli.main(["train", *common(data, run_dir), *models]) == 0
     capsys.readouterr()
+    lookaheads, generate = [], rollout.generate
+
+    def recorded(*args, **kwargs):
+        lookaheads.append((kwargs.get("guidance"), kwargs.get("lookahead", 0)))
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(rollout, "generate", recorded)
     assert cli.main(["eval-math", str(run_dir), "samples=2", "methods=[pretrained,qsharp]", "max_new_tokens=4",
-                     f"out={tmp_path / 'eval'}"]) == 0
-    check_eval(tmp_path / "eval", ("pretrained", "qsharp"), 2)
+                     "lookahead=2", f"out={tmp_path / 'eval'}"]) == 0
+    assert check_eval(tmp_path / "eval", ("pretrained", "qsharp"), 2)["lookahead"] == 2
+    assert set(lookaheads) == {(None, 0), ("qsharp", 2)}

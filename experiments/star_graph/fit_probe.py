@@ -1,7 +1,7 @@
 """Refit a star-graph run's value model on its stored Algorithm 1 rollouts and print, after every
 epoch, the held-out cross-entropy of the predicted success probability at each answer position
 (chance: the binary entropy of the success rate, 0.69 near 1/2). It shows *where* a value model
-learns: after the config's edge-walk warm-up, on G(2, 3) (demo.yaml, --lr 3e-3) the loss drops from
+learns: after the config's edge-walk warm-up, on G(2, 3) (g2_3.yaml, --lr 3e-3) the loss drops from
 the first step's node on, on G(2, 5) (g2_5_small.yaml) it stays at chance everywhere (README § Star graph).
 
     python -m experiments.star_graph.fit_probe experiments/star_graph/g2_5_small.yaml --lr 1e-3 --epochs 2

@@ -9,9 +9,9 @@ the same value. Prints the probability that each policy — π_ref, Q♯ as toda
 — takes the right first node, averaged over the test graphs (top-k sampling, temperature 1), and
 the value's cross-entropy after the first node and after the comma that follows it (the harness's
 ``fit_by_position``), and the test accuracy of the same guidance decoded by ``rollout.generate``
-without and with ``lookahead=True`` (the look-ahead in the decoding loop).
+without and with ``lookahead=1`` (the look-ahead in the decoding loop).
 
-    python -m experiments.star_graph.lookahead_probe experiments/star_graph/demo.yaml run_dir=runs/demo_s1 seed=1
+    python -m experiments.star_graph.lookahead_probe experiments/star_graph/g2_3.yaml run_dir=runs/demo_s1 seed=1
 """
 
 import argparse
@@ -75,16 +75,16 @@ def main() -> None:
     p_ref, p_now, p_ahead = first_step(ref, state.model(), test_split.prompts, test_split.answers,
                                        eta=cfg.qsharp.eta, top_k=cfg.evaluation.top_k)
     fit = harness.fit_by_position(cfg, ref, test_split)(state.model(), 0)
-    decoded = {flag: harness.evaluate(dataclasses.replace(cfg, qsharp=dataclasses.replace(cfg.qsharp, lookahead=flag)),
+    decoded = {steps: harness.evaluate(dataclasses.replace(cfg, qsharp=dataclasses.replace(cfg.qsharp, lookahead=steps)),
                                       test_split, ref, value_model=state.model(), guidance="qsharp", progress=False)
-               for flag in (False, True)}
+               for steps in (0, 1)}
     print(f"{len(p_ref)} test graphs of G({cfg.graph.degree}, {cfg.graph.path_length}), value model after "
           f"iteration {meta.get('iteration')}, η = {cfg.qsharp.eta}, top-k {cfg.evaluation.top_k}: probability of the "
           f"right first node — π_ref {p_ref.mean():.3f}, Q♯ {p_now.mean():.3f}, Q♯ with one-step look-ahead "
           f"{p_ahead.mean():.3f}; value cross-entropy after the first node {fit['value_ce_3']:.3f}, after its comma "
           f"{fit['value_ce_4']:.3f} (chance {fit['value_ce_chance']:.3f}); decoded by rollout.generate, test accuracy "
-          f"(KL): Q♯ {decoded[False]['test_accuracy']:.3f} ({decoded[False]['kl']:.3f}), with lookahead=True "
-          f"{decoded[True]['test_accuracy']:.3f} ({decoded[True]['kl']:.3f})")
+          f"(KL): Q♯ {decoded[0]['test_accuracy']:.3f} ({decoded[0]['kl']:.3f}), with lookahead=1 "
+          f"{decoded[1]['test_accuracy']:.3f} ({decoded[1]['kl']:.3f})")
 
 
 if __name__ == "__main__":

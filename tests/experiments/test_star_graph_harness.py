@@ -131,7 +131,7 @@ def test_preference_pairs_need_a_wrong_sample(tmp_path):
                              lambda *a: exp.sample(cfg, *a), always_right, progress=False)
 
 
-@pytest.mark.parametrize("name", ["demo", "g2_5_small", "g2_5_lookahead", "g2_5", "g5_5", "g3_8"])
+@pytest.mark.parametrize("name", ["demo", "g2_3", "g2_5_small", "g2_5_lookahead", "g2_5", "g5_5", "g3_8"])
 def test_shipped_configs_load(name):
     from pathlib import Path
 
@@ -183,25 +183,41 @@ def test_value_warm_up_learns_which_steps_are_edges(tmp_path, shortcut):
 
 
 @pytest.mark.xdist_group("shortcut")
-def test_miniature_q_sharp_beats_the_shortcut_reference(tmp_path, shortcut):
-    """End to end at miniature scale: a π_ref pretrained into the shortcut regime (≈ 1/degree), then
-    Algorithm 1 (rollouts, outcome labels, value fit) and Q♯-guided decoding, scored on the prompts
-    Algorithm 1 was run on. Held-out graphs need the value model to learn the edge relation, which
-    takes minutes (`make demo`); on its own prompts the value only has to tell, per graph, which first
-    step leads to the goal. Measured (seeds 0 and 1): π_ref 0.44 / 0.40 → Q♯ 0.86 / 0.88."""
-    n = 64
-    cfg = tiny(tmp_path, **SHORTCUT, test_graphs=n, evaluation={"batch": 4 * n},
-               qsharp={"iterations": 2, "prompts_per_iteration": 4 * n, "samples_per_prompt": 2, "max_new_tokens": 6,
-                       "epochs": 20, "batch_size": 32, "optimizer": {"learning_rate": 3e-3, "weight_decay": 0.0}},
+def test_miniature_q_sharp_beats_the_shortcut_reference_on_held_out_graphs(tmp_path, shortcut):
+    """End to end at miniature scale with the demo's recipe: a π_ref pretrained into the shortcut
+    regime (≈ 1/degree), one iteration of Algorithm 1 on train prompts (π_ref's rollouts, outcome
+    labels, the fit of a fresh value model with ``qk_identity`` and ``token_shift``), then Q♯-guided
+    decoding that reads each candidate's value two π_ref steps later, scored on 128 test graphs whose
+    edges, source and goal never occur among the train graphs. Two steps after the first node is the
+    goal, where the input holds the pair (first node, goal) that decides the outcome; the demo reads
+    at the end of the answer instead (``lookahead`` = answer length), where this 2-layer value model
+    has not learned it (cross-entropy 0.68 of 0.68). Measured on the 2-core machine, value seeds
+    2 … 6: π_ref 0.395 → Q♯ 0.979 / 0.951 / 0.934 / 0.961 / 0.932 (seed 3 with half the prompts: 0.541)."""
+    from qsharp_jax.models.build import build_value
+
+    ref, train_split, test_split = shortcut
+
+    def graph_key(graphs, i):
+        return frozenset(map(tuple, graphs.edges[i].tolist())), int(graphs.source[i]), int(graphs.goal[i])
+
+    seen = {graph_key(train_split.graphs, i) for i in range(len(train_split.prompts))}
+    unseen = np.flatnonzero([graph_key(test_split.graphs, i) not in seen for i in range(len(test_split.prompts))])
+    held_out = test_split.take(unseen[:128])
+    n = len(held_out.prompts)
+    assert n == 128
+    cfg = tiny(tmp_path, **SHORTCUT, test_graphs=n, evaluation={"batch": 4 * n}, value_from_reference=False,
+               value={**SHORTCUT["reference"], "seed": 2, "qk_identity": 3.0, "token_shift": 2},
+               qsharp={"iterations": 1, "prompts_per_iteration": 4000, "samples_per_prompt": 2, "max_new_tokens": 6,
+                       "epochs": 4, "batch_size": 64, "lookahead": 2,
+                       "optimizer": {"learning_rate": 1e-3, "weight_decay": 0.0, "warmup_steps": 50}},
                value_pretrain={"walks": 0})
-    ref, _, test_split = shortcut
-    prompts = test_split.take(slice(n))
-    # four samples per prompt: accuracies over 256 answers
-    scored = sg.Split(np.tile(prompts.prompts, (4, 1)), np.tile(prompts.answers, (4, 1)), prompts.graphs)
+    # four samples per held-out graph
+    scored = sg.Split(np.tile(held_out.prompts, (4, 1)), np.tile(held_out.answers, (4, 1)), held_out.graphs)
     before = exp.evaluate(cfg, scored, ref, progress=False)
-    value = value_from_reference(ref, cfg.head, seed=1)
-    algorithm.run(cfg.qsharp, sg.StarGraphTask(cfg.graph, prompts, prompts, eval_size=n), ref, value,
-               tmp_path / "qsharp", progress=False)
+    value = build_value(cfg.value, cfg.head)
+    with optimized():
+        algorithm.run(cfg.qsharp, sg.StarGraphTask(cfg.graph, train_split, held_out, eval_size=n), ref, value,
+                      tmp_path / "qsharp", progress=False)
     state, _ = algorithm.latest_state(cfg.qsharp, value, tmp_path / "qsharp")
     after = exp.evaluate(cfg, scored, ref, value_model=state.model(), guidance="qsharp", progress=False)
     assert abs(before["test_accuracy"] - 0.5) < 0.15, before  # the shortcut: a coin flip at the first step
