@@ -78,11 +78,11 @@ def test_llama3_tokenizer_fresh_models_train_and_eval_math(tmp_path, data, capsy
 
 
 def test_qwen2_checkpoint_with_its_saved_tokenizer(tmp_path, data, capsys, monkeypatch):
-    """... and eval-math's own ``lookahead`` reaches the guided decoding (and only it)."""
+    """A Qwen2 checkpoint and its saved tokenizer through train and eval-math; eval-math's own
+    ``lookahead`` reaches the guided decoding (and only it) and eval.json."""
     from hf_fixtures import make_checkpoint
 
     from qsharp_jax import rollout
-
     from qsharp_jax.models.tokenizers import qwen2_tokenizer
 
     ckpt = tmp_path / "qwen"

@@ -189,9 +189,9 @@ def test_miniature_q_sharp_beats_the_shortcut_reference_on_held_out_graphs(tmp_p
     labels, the fit of a fresh value model with ``qk_identity`` and ``token_shift``), then Q♯-guided
     decoding that reads each candidate's value two π_ref steps later, scored on 128 test graphs whose
     edges, source and goal never occur among the train graphs. Two steps after the first node is the
-    goal, where the input holds the pair (first node, goal) that decides the outcome; the demo reads
-    at the end of the answer instead (``lookahead`` = answer length), where this 2-layer value model
-    has not learned it (cross-entropy 0.68 of 0.68). Measured on the 2-core machine, value seeds
+    goal, where the input holds the pair (first node, goal) that decides the outcome, as the demo
+    reads at the goal on G(2, 5); at the end-of-sequence token (``lookahead`` 6 here) this 2-layer value
+    model has not learned it (cross-entropy 0.68 of 0.68, Q♯ = π_ref). Measured on the 2-core machine, value seeds
     2 … 6: π_ref 0.395 → Q♯ 0.979 / 0.951 / 0.934 / 0.961 / 0.932 (seed 3 with half the prompts: 0.541)."""
     from qsharp_jax.models.build import build_value
 
