@@ -4,6 +4,7 @@
 read as YAML: ``sizes=[1,2]``, ``path=null``) are turned into tyro arguments, and tyro builds the
 dataclass — types checked, nested dataclasses reached by dotted keys, unknown keys rejected with a
 "perhaps you meant" suggestion — so a typo fails at start-up instead of after an hour of training.
+A file may begin with ``extends: base.yaml`` and give only what differs from that recipe.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import tyro
 import yaml
 
 T = TypeVar("T")
+EXTENDS = "extends"  # a config file's key naming the file it varies (see `_read_yaml`)
 
 
 def load(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
@@ -73,8 +75,13 @@ def read_text(path: Path, what: str, kind: str) -> str:
         raise ValueError(f"{what} {path} is not text (not UTF-8); give a {kind} file") from None
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
-    """A config file's mapping, or a ValueError naming the file and what is wrong with it."""
+def _read_yaml(path: Path, _children: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file's mapping, or a ValueError naming the file and what is wrong with it.
+
+    A file whose top level has ``extends: other.yaml`` (a path relative to it) is that file's
+    mapping with this one's values merged over it, nested mappings key by key, so a variant of a
+    recipe states only what differs.
+    """
     text = read_text(path, "config file", "YAML")
     try:
         loaded = yaml.safe_load(text)
@@ -84,7 +91,31 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         return {}
     if not isinstance(loaded, dict):
         raise ValueError(f"config file {path} must hold a mapping of field: value, got a {type(loaded).__name__}")
-    return loaded
+    if EXTENDS not in loaded:
+        return loaded
+    parent = loaded.pop(EXTENDS)
+    if not isinstance(parent, str) or not parent:
+        raise ValueError(f"config file {path}: {EXTENDS} must be the path of another YAML config (relative to "
+                         f"this file), got {parent!r}")
+    children = (*_children, path.resolve())
+    base = path.parent / parent
+    if base.resolve() in children:
+        chain = " -> ".join(str(p) for p in (*children, base.resolve()))
+        raise ValueError(f"config file {path}: {EXTENDS} makes a cycle ({chain}); one of these files must not "
+                         f"extend the others")
+    try:
+        return _merged(_read_yaml(base, children), loaded)
+    except ValueError as error:
+        raise ValueError(f"{error} (extended by {path})") from None
+
+
+def _merged(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``over``'s values on top; mappings on both sides are merged key by key."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merged(out[key], value) if isinstance(value, Mapping) and isinstance(out.get(key), dict) \
+            else value
+    return out
 
 
 def _first_line(error: Exception) -> str:

@@ -32,6 +32,35 @@ def test_config_overrides_and_types(tmp_path):
     assert isinstance(cfg.eta, float)
 
 
+def test_a_config_extends_another_and_merges_nested_fields(tmp_path):
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "base.yaml").write_text("eta: 0.5\nsizes: [1, 2]\ninner: {depth: 7, name: b}\n")
+    (tmp_path / "mid.yaml").write_text("extends: recipes/base.yaml\ninner: {name: m}\n")
+    (tmp_path / "leaf.yaml").write_text("extends: mid.yaml\nsizes: [9]\n")
+    # nested mappings merge key by key; lists and scalars replace; overrides still win
+    assert config.load(Outer, tmp_path / "leaf.yaml", ["eta=0.25"]) == \
+        Outer(eta=0.25, sizes=(9,), inner=Inner(depth=7, name="m"))
+    assert config.load(Outer, tmp_path / "mid.yaml") == Outer(eta=0.5, sizes=(1, 2), inner=Inner(depth=7, name="m"))
+
+
+@pytest.mark.parametrize(
+    "files,message",
+    [
+        ({"a.yaml": "extends: a.yaml\n"}, r"extends makes a cycle \(.*a.yaml -> .*a.yaml\)"),
+        ({"a.yaml": "extends: b.yaml\n", "b.yaml": "extends: a.yaml\n"}, r"makes a cycle .*b.yaml -> .*a.yaml"),
+        ({"a.yaml": "extends: gone.yaml\n"}, r"config file .*gone.yaml not found \(extended by .*a.yaml\)"),
+        ({"a.yaml": "extends: [b.yaml]\n"}, r"extends must be the path of another YAML config"),
+        ({"a.yaml": "extends: b.yaml\n", "b.yaml": "eta: [\n"}, r"b.yaml is not valid YAML.*\(extended by .*a.yaml\)"),
+        ({"a.yaml": "extends: b.yaml\n", "b.yaml": "etta: 1\n"}, r"Perhaps you meant: eta"),
+    ],
+)
+def test_config_extends_errors(tmp_path, files, message):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(ValueError, match=message):
+        config.load(Outer, tmp_path / "a.yaml")
+
+
 @pytest.mark.parametrize(
     "overrides,message",
     [
@@ -98,3 +127,18 @@ def test_lookahead_written_as_a_flag_reads_as_steps(raw, steps):
     assert cfg.lookahead == steps and type(cfg.lookahead) is int
     with pytest.raises(ValueError, match="lookahead .* must be >= 0"):
         config.load(AlgorithmConfig, None, ["lookahead=-1"])
+
+
+@pytest.mark.parametrize("model", ["llama3_8b", "llama31_8b", "qwen25_7b"])
+def test_math_recipes_differ_from_their_gsm8k_recipe_only_in_the_data(model):
+    from pathlib import Path
+
+    from qsharp_jax import runs
+
+    recipes = Path(__file__).parents[1] / "experiments" / "math"
+    gsm8k, math = (config.flatten(config.as_json(config.load(runs.RunConfig, recipes / f"{model}_{data}.yaml")))
+                   for data in ("gsm8k", "math"))
+    differ = {k for k in gsm8k | math if gsm8k.get(k) != math.get(k)}
+    assert differ == {"run_dir", "math.train_file", "algorithm.prompts_per_iteration"}
+    assert math["math.train_file"] == "data/math/math_train.jsonl" and math["algorithm.prompts_per_iteration"] == 6750
+    assert gsm8k["algorithm.samples_per_prompt"] == 16 and gsm8k["algorithm.eta"] == 0.1  # the paper's settings

@@ -131,12 +131,31 @@ def test_preference_pairs_need_a_wrong_sample(tmp_path):
                              lambda *a: exp.sample(cfg, *a), always_right, progress=False)
 
 
-@pytest.mark.parametrize("name", ["demo", "g2_3", "g2_5_small", "g2_5_lookahead", "g2_5", "g5_5", "g3_8"])
-def test_shipped_configs_load(name):
+SHIPPED = ["demo", "demo_g5_5", "demo_g3_8", "g2_3", "g2_5_small", "g2_5_lookahead", "g2_5", "g5_5", "g3_8"]
+
+
+def _shipped(name):
     from pathlib import Path
 
-    cfg = config.load(exp.StarGraphConfig, Path(__file__).parents[2] / "experiments/star_graph" / f"{name}.yaml")
+    return config.load(exp.StarGraphConfig, Path(__file__).parents[2] / "experiments/star_graph" / f"{name}.yaml")
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_configs_load(name):
+    cfg = _shipped(name)
     assert cfg.qsharp.max_new_tokens == cfg.graph.answer_length and cfg.qsharp.eta == 0.1 and cfg.qsharp.top_k == 10
+
+
+@pytest.mark.parametrize("name", ["demo_g5_5", "demo_g3_8"])
+def test_the_demo_recipe_on_other_graphs_changes_only_what_the_graph_forces(name):
+    demo, other = (config.flatten(config.as_json(_shipped(n))) for n in ("demo", name))
+    forced = {"run_dir", "reference.max_positions", "value.max_positions", "qsharp.max_new_tokens", "qsharp.lookahead"}
+    differ = {k for k in demo | other if demo.get(k) != other.get(k) and not k.startswith("graph.")}
+    assert differ <= forced, differ - forced
+    cfg = _shipped(name)
+    # the look-ahead rule of demo.yaml: from the first node (answer position 2) to the goal
+    assert cfg.qsharp.lookahead == cfg.graph.answer_length - 4
+    assert cfg.graph.prompt_length + cfg.graph.answer_length + cfg.qsharp.lookahead <= cfg.value.max_positions
 
 
 # π_ref in the shortcut regime on G(2, 3), pretrained once for the two tests below (one xdist
