@@ -83,7 +83,8 @@ class Checkpoints:
         try:
             sums = json.loads((step_dir / CHECKSUMS).read_text())
         except FileNotFoundError:
-            return f"{CHECKSUMS} is missing (the save was interrupted, or is still being written)"
+            return (f"{CHECKSUMS} is missing (the save was interrupted or is still being written, or a release before "
+                    "checksums wrote it)")
         except (OSError, ValueError) as error:
             return f"{CHECKSUMS} cannot be read ({error})"
         present = {str(p.relative_to(step_dir)) for p in _files(step_dir)}

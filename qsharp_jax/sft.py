@@ -59,7 +59,8 @@ def train_sft(cfg: SFTConfig, model: Transformer, prompts: np.ndarray, prompt_ma
                 **{k: config_lib.defaults_of(type(v)) for k, v in meta.items() if dataclasses.is_dataclass(v)}}
     checkpoints = Checkpoints(directory, keep=1, writer=True) if directory is not None else None
     if checkpoints is not None:
-        restored = checkpoints.restore(state, config, defaults=defaults)
+        # an unverifiable step (no checksums: an older release, a killed save) is moved aside and redone
+        restored = checkpoints.restore(state, config, defaults=defaults, quarantine=True)
         if restored is not None:
             return restored[0].model()
     if cfg.epochs:

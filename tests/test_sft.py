@@ -50,3 +50,21 @@ def test_restores_its_checkpoint_and_older_configs_refuses_others(tmp_path, monk
         sft(DataV2(shuffle=True))
     with pytest.raises(ValueError, match=r"fields that differ: epochs \(saved 2, now 3\)"):
         sft(DataV1(), epochs=3)
+
+
+def test_an_unverifiable_checkpoint_is_moved_aside_and_retrained_not_a_crash_after_training(tmp_path):
+    # e.g. a run directory from a release before checksums, or a save killed before its checksums:
+    # restore skips it; the save after retraining used to fail with "checkpoint 0 already exists"
+    rng = np.random.default_rng(0)
+    prompts, responses = rng.integers(0, 7, (16, 3)), rng.integers(0, 7, (16, 2))
+    masks = np.ones(prompts.shape, bool), np.ones(responses.shape, bool)
+    sft = lambda: train_sft(SFTConfig(epochs=1, batch_size=8), build_reference(SPEC), prompts, masks[0],  # noqa: E731
+                            responses, masks[1], seed=1, directory=tmp_path / "reference", progress=False)
+    first = np.asarray(sft().embed[...])
+    (tmp_path / "reference" / "0" / "checksums.json").unlink()
+    with pytest.warns(UserWarning, match=r"checkpoint 0 in .*reference is unusable: checksums.json is missing .*; "
+                                         r"moved to .*reference-corrupt"):
+        again = np.asarray(sft().embed[...])
+    np.testing.assert_array_equal(again, first)  # retrained the same way (same seed and data)
+    assert (tmp_path / "reference" / "0" / "checksums.json").exists()
+    assert [p.name for p in (tmp_path / "reference-corrupt").iterdir()]  # kept, not deleted
