@@ -23,6 +23,7 @@ import dataclasses
 import functools
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -254,6 +255,18 @@ def pretrain_reference(cfg: StarGraphConfig, train_split: sg.Split, progress: bo
                      directory=Path(cfg.run_dir) / "reference", meta=meta, desc="pretrain π_ref", progress=progress)
 
 
+def check_shortcut_regime(metrics: dict[str, float], g: sg.GraphConfig) -> None:
+    """Warn when π_ref is far from the shortcut regime (test accuracy ≈ 1/degree) the experiment is
+    about: below half of it, π_ref has not learned to follow the prompt's edges, its rollouts are
+    almost never right, and Q♯/CD have next to nothing to learn from."""
+    if metrics["test_accuracy"] < 0.5 / g.degree:
+        warnings.warn(f"π_ref's test accuracy {metrics['test_accuracy']:.3f} (first step "
+                      f"{metrics['first_step_accuracy']:.3f}) is far below 1/degree = {1 / g.degree:.3f}: it has not "
+                      "learned to follow the prompt's edges, so its rollouts are rarely right and the value model "
+                      "has little to learn; pretrain π_ref longer (pretrain.epochs, train_graphs) or larger "
+                      "(reference.*)", stacklevel=2)
+
+
 # --------------------------------------------------------------------------- the experiment
 
 
@@ -289,6 +302,8 @@ def run(cfg: StarGraphConfig, *, progress: bool = True) -> dict[str, Any]:
     todo = [m for m in cfg.methods if m not in results["methods"]]
     if "pretrained" in todo:
         record("pretrained", started, evaluate(cfg, test_split, ref, progress=progress, desc="evaluate π_ref"))
+    if "pretrained" in results["methods"]:
+        check_shortcut_regime(results["methods"]["pretrained"], g)
     if {"qsharp", "cd"} & set(todo):
         started = time.time()
         value = value_from_reference(ref, cfg.head, seed=cfg.value.seed) if cfg.value_from_reference else \

@@ -121,6 +121,15 @@ def test_bad_configs_are_refused(tmp_path):
         tiny(tmp_path, graph={"degree": 3, "path_length": 3, "num_nodes": 5})
 
 
+def test_a_reference_outside_the_shortcut_regime_is_warned_about(tmp_path):
+    # untrained π_ref: its answers are almost never right (G(5, 5) after the demo's 2 epochs: 0.000)
+    cfg = tiny(tmp_path, pretrain={"epochs": 0, "batch_size": 64}, methods=["pretrained"])
+    with pytest.warns(UserWarning, match=r"π_ref's test accuracy 0\.0\d\d .* far below 1/degree = 0\.500.*"
+                                         r"pretrain π_ref longer"):
+        results = exp.run(cfg, progress=False)
+    assert results["methods"]["pretrained"]["test_accuracy"] < 0.25
+
+
 def test_preference_pairs_need_a_wrong_sample(tmp_path):
     cfg = tiny(tmp_path)
     train, _ = sg.make_splits(cfg.graph, train=64, test=8, seed=0)
