@@ -104,8 +104,8 @@ def test_two_iterations_beat_reference_at_lower_kl_than_cd(tmp_path):
         algo = dataclasses.replace(algo, iterations=2, guidance=guidance)
         results[guidance] = run(algo, task, ref, value, tmp_path / guidance, progress=False)[-1]
     q, cd = results["qsharp"], results["cd"]
-    assert q["guided_reward"] > q["ref_reward"] + 0.3
-    assert cd["guided_reward"] > cd["ref_reward"] + 0.3
+    assert q["guided_reward"] > q["ref_reward"] + 0.4
+    assert cd["guided_reward"] > cd["ref_reward"] + 0.4
     assert q["guided_kl"] < cd["guided_kl"]
 
 

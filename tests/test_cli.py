@@ -136,9 +136,10 @@ def test_math_recipes_differ_from_their_gsm8k_recipe_only_in_the_data(model):
     from qsharp_jax import runs
 
     recipes = Path(__file__).parents[1] / "experiments" / "math"
-    gsm8k, math = (config.flatten(config.as_json(config.load(runs.RunConfig, recipes / f"{model}_{data}.yaml")))
+    gsm8k, math = (config.as_json(config.load(runs.RunConfig, recipes / f"{model}_{data}.yaml"))
                    for data in ("gsm8k", "math"))
-    differ = {k for k in gsm8k | math if gsm8k.get(k) != math.get(k)}
-    assert differ == {"run_dir", "math.train_file", "algorithm.prompts_per_iteration"}
+    differ = [d.split(" (")[0] for d in config.differences(gsm8k, math)]
+    assert differ == ["algorithm.prompts_per_iteration", "math.train_file", "run_dir"]
+    gsm8k, math = config.flatten(gsm8k), config.flatten(math)
     assert math["math.train_file"] == "data/math/math_train.jsonl" and math["algorithm.prompts_per_iteration"] == 6750
     assert gsm8k["algorithm.samples_per_prompt"] == 16 and gsm8k["algorithm.eta"] == 0.1  # the paper's settings
