@@ -7,7 +7,8 @@ The public face, one import away (``from qsharp_jax import generate, losses, ...
 * decoding — :func:`generate` (one jitted loop, plain or value-guided, exact KL) and ``Rollout``;
 * Algorithm 1 — :func:`run` and :class:`AlgorithmConfig`, the :class:`Task` protocol and its
   registry (``TASKS``, ``make_task``), ``qsharp train``'s :class:`RunConfig` / :func:`start_or_resume`;
-* the value head's config :class:`HeadConfig` (kind, atoms).
+* the value head's config :class:`HeadConfig` (kind, atoms);
+* pods — :mod:`qsharp_jax.distributed` (``initialize()``: one process per host, first thing).
 
 Everything else lives in its module: models (:mod:`qsharp_jax.models`), training
 (:mod:`qsharp_jax.train`, :mod:`qsharp_jax.objectives`), baselines (:mod:`qsharp_jax.baselines`),
@@ -33,6 +34,7 @@ _PUBLIC = {
     "RunConfig": ("qsharp_jax.runs", "RunConfig"),
     "start_or_resume": ("qsharp_jax.runs", "start_or_resume"),
     "HeadConfig": ("qsharp_jax.models.value", "HeadConfig"),
+    "distributed": ("qsharp_jax.distributed", None),
 }
 
 __all__ = sorted(_PUBLIC)

@@ -32,7 +32,7 @@ from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from qsharp_jax import config as config_lib
-from qsharp_jax import failpoints, objectives, rollout
+from qsharp_jax import distributed, failpoints, objectives, rollout
 from qsharp_jax import sharding as sharding_lib
 from qsharp_jax.checkpoint import Checkpoints
 from qsharp_jax.lock import RunLock
@@ -219,12 +219,12 @@ def _run(cfg: AlgorithmConfig, task: Task, ref: Transformer, value: ValueModel, 
          mesh: Mesh | None, diagnostics) -> list[dict[str, float]]:
     config = config_lib.as_json(cfg)
     store = RolloutStore(run_dir / "data")
-    checkpoints = Checkpoints(run_dir / "checkpoints", keep=cfg.keep_checkpoints, writer=True)
+    checkpoints = Checkpoints(run_dir / "checkpoints", keep=cfg.keep_checkpoints, writer=distributed.is_main())
     optimizer = make_optimizer(cfg.optimizer)
     fresh = init_state(value, optimizer, jax.random.key(cfg.seed))
     if mesh is not None:
         ref = sharding_lib.place(ref, mesh)
-        fresh = jax.device_put(fresh, state_shardings(fresh, mesh))
+        fresh = sharding_lib.put(fresh, state_shardings(fresh, mesh))
     if cfg.loss == "categorical_bellman":
         ref_graph, extra = nnx.split(ref)
         top_k = None if value.head_cfg.q_type else cfg.top_k
@@ -242,11 +242,16 @@ def _run(cfg: AlgorithmConfig, task: Task, ref: Transformer, value: ValueModel, 
                                    defaults=config_lib.as_json(AlgorithmConfig()))
     state, history = (restored[0], restored[1]["history"]) if restored else (fresh, [])
     start = len(history)
-    for iteration in tqdm(range(start, cfg.iterations), desc="Q♯ iterations", disable=not progress, initial=start,
-                          total=cfg.iterations):
+    main = distributed.is_main()  # on a pod, process 0 writes what is written once; every process computes
+    for iteration in tqdm(range(start, cfg.iterations), desc="Q♯ iterations", disable=not progress or not main,
+                          initial=start, total=cfg.iterations):
         failpoints.reach(f"iteration/{iteration}/start")
+        distributed.barrier(f"iteration/{iteration}/start")  # every process reads the same store
         if iteration not in store.iterations():
-            store.append(iteration, _collect(cfg, task, ref, state, iteration))
+            records = _collect(cfg, task, ref, state, iteration)
+            if main:
+                store.append(iteration, records)
+            distributed.barrier(f"collect/{iteration}/stored")
         if not cfg.warm_start:  # a copy: the train epoch donates (consumes) its input state
             state = jax.tree.map(jnp.copy, fresh)
         state, fitted = _fit(cfg, state, train_epoch, store.load(), iteration, progress, extra)
@@ -254,14 +259,17 @@ def _run(cfg: AlgorithmConfig, task: Task, ref: Transformer, value: ValueModel, 
                            **evaluate(cfg, task, ref, state, iteration),
                            **(diagnostics(state.model(), iteration) if diagnostics else {})})
         history.append(metrics)
-        with SummaryWriter(str(run_dir / "tensorboard")) as writer:
-            for name, value_ in metrics.items():
-                if name != "iteration" and value_ is not None:  # None: a skipped fit
-                    writer.add_scalar(name, value_, iteration)
+        if main:
+            with SummaryWriter(str(run_dir / "tensorboard")) as writer:
+                for name, value_ in metrics.items():
+                    if name != "iteration" and value_ is not None:  # None: a skipped fit
+                        writer.add_scalar(name, value_, iteration)
         checkpoints.save(iteration, state, {"iteration": iteration, "config": config, "history": history})
-        _write_metrics(run_dir, history, failpoint=f"metrics/{iteration}")
-    if start == cfg.iterations:  # nothing left to do, but a kill may have come between checkpoint and metrics
+        if main:
+            _write_metrics(run_dir, history, failpoint=f"metrics/{iteration}")
+    if start == cfg.iterations and main:  # nothing left to do, but a kill may have come between checkpoint and metrics
         _write_metrics(run_dir, history)
+    distributed.barrier("run/end")
     return history
 
 
@@ -356,10 +364,14 @@ def evaluate(cfg: AlgorithmConfig, task: Task, ref: Transformer, state: TrainSta
     return results
 
 
-def latest_state(cfg: AlgorithmConfig, value: ValueModel, run_dir: str | Path) -> tuple[TrainState, dict[str, Any]]:
+def latest_state(cfg: AlgorithmConfig, value: ValueModel, run_dir: str | Path, *,
+                 mesh: Mesh | None = None) -> tuple[TrainState, dict[str, Any]]:
     """The newest checkpoint of :func:`run` in ``run_dir`` as a train state of ``value``'s structure,
-    and its metadata (``meta["iteration"]``)."""
+    and its metadata (``meta["iteration"]``). With a ``mesh``, the state is laid out on it by its
+    logical axes, whatever mesh it was saved from (orbax reshards on load)."""
     template = init_state(value, make_optimizer(cfg.optimizer), jax.random.key(cfg.seed))
+    if mesh is not None:
+        template = sharding_lib.put(template, state_shardings(template, mesh))
     restored = Checkpoints(Path(run_dir) / "checkpoints").restore(template)
     if restored is None:
         raise FileNotFoundError(f"{run_dir}/checkpoints has no checkpoint yet")

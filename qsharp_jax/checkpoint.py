@@ -23,7 +23,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from qsharp_jax import config as config_lib
-from qsharp_jax import failpoints
+from qsharp_jax import distributed, failpoints
 from qsharp_jax.storage import aside_name, atomic_write, sha256
 from qsharp_jax.train import TrainState
 
@@ -73,9 +73,11 @@ class Checkpoints:
             raise RuntimeError(f"orbax declined to save step {iteration} in {self.directory} (steps there: "
                                f"{self.steps()})")
         step_dir = self.directory / str(iteration)
-        sums = {str(p.relative_to(step_dir)): sha256(p) for p in _files(step_dir)}
-        atomic_write(step_dir / CHECKSUMS, lambda f: f.write(json.dumps(sums, indent=1).encode()),
-                     failpoint=f"checkpoint/{iteration}/checksums")
+        if distributed.is_main():  # on a pod every process saves its shards; one writes the checksums
+            sums = {str(p.relative_to(step_dir)): sha256(p) for p in _files(step_dir)}
+            atomic_write(step_dir / CHECKSUMS, lambda f: f.write(json.dumps(sums, indent=1).encode()),
+                         failpoint=f"checkpoint/{iteration}/checksums")
+        distributed.barrier(f"checkpoint/{iteration}/checksums")
 
     def verify(self, step: int) -> str | None:
         """None if every file of checkpoint ``step`` matches its checksum, else what is wrong."""
@@ -125,6 +127,7 @@ class Checkpoints:
                 )
                 return state, meta
             where = f"checkpoint {step} in {self.directory}"
+            distributed.barrier(f"checkpoint/{step}/verified")  # every process has judged it before one moves it
             if quarantine:
                 moved = self._quarantine(step)
                 warnings.warn(f"{where} is unusable: {problem}; moved to {moved}, falling back to the previous "
@@ -136,7 +139,9 @@ class Checkpoints:
 
     def _quarantine(self, step: int) -> Path:
         target = self.directory.parent / f"{self.directory.name}-corrupt" / aside_name(str(step))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(self.directory / str(step), target)
+        if distributed.is_main():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(self.directory / str(step), target)
+        distributed.barrier(f"checkpoint/{step}/quarantined")
         self._manager.reload()
         return target

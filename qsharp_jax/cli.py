@@ -63,11 +63,31 @@ def config_program(prog: str, description: str | None, cls_name: str, example: s
     return main
 
 
-def _train(args: argparse.Namespace) -> int:
-    from qsharp_jax import runs
+def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
+    """Multi-host flags (one process per host; each falls back to its environment variable, and
+    with none set a single process runs): see :mod:`qsharp_jax.distributed`."""
+    group = parser.add_argument_group("multi-host (one process per host)")
+    group.add_argument("--coordinator-address", help="HOST:PORT of process 0 (else $JAX_COORDINATOR_ADDRESS)")
+    group.add_argument("--num-processes", type=int, help="processes in the job (else $JAX_NUM_PROCESSES)")
+    group.add_argument("--process-id", type=int, help="this process, 0 .. N-1 (else $JAX_PROCESS_ID)")
+    group.add_argument("--init-timeout", type=int, default=300, help="seconds to wait for the other processes")
 
+
+def _start_processes(args: argparse.Namespace) -> None:
+    from qsharp_jax import distributed
+
+    distributed.initialize(args.coordinator_address, args.num_processes, args.process_id,
+                           timeout_s=args.init_timeout)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from qsharp_jax import distributed, runs
+
+    _start_processes(args)
     cfg = load_config(runs.RunConfig, args)
     history = runs.start_or_resume(cfg)
+    if not distributed.is_main():  # process 0 reports for the job
+        return 0
     print(f"{'iteration':>9} {'examples':>8} {'fit loss':>9} {'guided reward':>13} {'π_ref reward':>12} {'KL':>7}")
     for h in history:
         fit_loss = "-" if h["fit_loss"] is None else f"{h['fit_loss']:.4f}"  # None: nothing to fit
@@ -117,10 +137,16 @@ def _plan(args: argparse.Namespace) -> int:
                                   f"--xla_force_host_platform_device_count={args.cpu_devices}".strip()
     from qsharp_jax import plan, runs
 
+    # `device_memory=16GiB` may come with the config overrides (DESIGN.md's form of --device-memory)
+    device_memory = args.device_memory * 2**30
+    for text in [o for o in args.overrides if o.startswith("device_memory=")]:
+        args.overrides.remove(text)
+        device_memory = plan.parse_bytes(text.partition("=")[2])
     cfg = load_config(runs.RunConfig, args)
     result = plan.plan(cfg, compile=not args.no_compile)
-    if args.device_memory:
-        plan.check_fits(result["summary"], args.device_memory * 2**30)
+    print(plan.table(result["summary"], device_memory or None))
+    if device_memory:
+        plan.check_fits(result["summary"], device_memory)
     print(plan.summary_line(result["summary"]))
     return 0
 
@@ -145,6 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="run or resume Algorithm 1 (collect, fit, evaluate, checkpoint)")
     add_config_arguments(train, "RunConfig", "algorithm.eta=0.05 run_dir=runs/x")
+    add_distributed_arguments(train)
     train.set_defaults(func=_train)
     ev = sub.add_parser("eval", help="evaluate a run's newest checkpoint (guided and π_ref)")
     ev.add_argument("run_dir")
@@ -164,7 +191,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_config_arguments(pl, "RunConfig", "mesh=[-1,1,8] algorithm.rollout_batch=256")
     pl.add_argument("--cpu-devices", type=int, default=0, help="fake this many CPU devices (a pod's count) when "
                                                                 "planning on a machine without accelerators")
-    pl.add_argument("--device-memory", type=float, default=0.0, help="GiB per device: fail if the plan needs more")
+    pl.add_argument("--device-memory", type=float, default=0.0, help="GiB per device: fail if the plan needs more "
+                                                                      "(also as the override device_memory=16GiB)")
     pl.add_argument("--no-compile", action="store_true", help="lower only (seconds; no memory analysis)")
     pl.set_defaults(func=_plan)
     gsm = sub.add_parser("prepare-gsm8k", help="prepare tensorflow-datasets' gsm8k from GSM8K's own JSONL files")

@@ -207,6 +207,34 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.2f}GiB"
 
 
+_UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6,
+          "gb": 10**9, "tb": 10**12}
+
+
+def parse_bytes(text: str) -> float:
+    """``16GiB`` / ``80GB`` / ``512MiB`` / a bare number of GiB (``16``) as bytes."""
+    raw = text.strip()
+    number = raw.rstrip("KMGTiBkmgtib ")
+    unit = raw[len(number):].strip().lower()
+    try:
+        value = float(number)
+    except ValueError:
+        value = None
+    if value is None or unit not in _UNITS or not value > 0:
+        raise ValueError(f"device_memory={text!r} must be a positive size like 16GiB, 80GB or 512MiB")
+    return value * (2**30 if unit == "" else _UNITS[unit])
+
+
+def table(summary: dict[str, int], device_memory: float | None = None) -> str:
+    """The plan's figures per device as a Markdown table (with the share of ``device_memory``)."""
+    rows = ["| per device | bytes | GiB |" + (" of device |" if device_memory else ""),
+            "|---|---|---|" + ("---|" if device_memory else "")]
+    for k in SUMMARY_KEYS:
+        share = f" {summary[k] / device_memory:.0%} |" if device_memory else ""
+        rows.append(f"| {k.removesuffix('_bytes_per_device')} | {int(summary[k])} | {summary[k] / 2**30:.2f} |{share}")
+    return "\n".join(rows)
+
+
 def summary_line(summary: dict[str, int]) -> str:
     """The last line of ``qsharp plan``: ``key=bytes`` for :data:`SUMMARY_KEYS`."""
     return " ".join(f"{k}={int(summary[k])}" for k in SUMMARY_KEYS)
@@ -222,5 +250,5 @@ def check_fits(summary: dict[str, int], device_memory: float) -> None:
                          "(mesh fsdp / tensor)")
 
 
-__all__ = ["SUMMARY_KEYS", "Shapes", "bytes_per_device", "check_fits", "kv_cache_bytes", "plan", "shapes_of",
-           "summary_line"]
+__all__ = ["SUMMARY_KEYS", "Shapes", "bytes_per_device", "check_fits", "kv_cache_bytes", "parse_bytes", "plan",
+           "shapes_of", "summary_line", "table"]

@@ -36,6 +36,7 @@ from flax import nnx, struct
 from tqdm import tqdm
 
 from qsharp_jax import _validate, failpoints
+from qsharp_jax import sharding as sharding_lib
 from qsharp_jax import guidance as guidance_lib
 from qsharp_jax.models.transformer import Transformer
 from qsharp_jax.models.value import ValueModel, check_compatible
@@ -442,6 +443,15 @@ def _generate(ref_graph, ref_state, value_graph, value_state, prompt_ids, prompt
     return Rollout(lengths=jnp.sum(out["mask"], axis=1, dtype=jnp.int32), **out)
 
 
+def _mesh_of(model: nnx.Module):
+    """The mesh ``model``'s parameters are laid out on (None: one device)."""
+    leaf = jax.tree.leaves(nnx.state(model))[0]
+    sharding = getattr(leaf, "sharding", None)
+    if isinstance(sharding, jax.sharding.NamedSharding) and sharding.mesh.size > 1:
+        return sharding.mesh
+    return None
+
+
 def generate_chunked(
     ref_model: Transformer, prompt_ids: np.ndarray, prompt_mask: np.ndarray, *, key: jax.Array, batch: int,
     name: str = "generate", score: Callable[[np.ndarray, Rollout], Any] | None = None, progress: bool = False,
@@ -450,7 +460,9 @@ def generate_chunked(
     """:func:`generate` over any number of rows, at most ``batch`` per call; fields as numpy arrays.
 
     Row r is keyed by its global index (``row_ids``), so the tokens do not depend on ``batch``. The
-    last chunk is padded with copies of the last row to the same shape (one compilation). Chunk
+    last chunk is padded with copies of the last row to the same shape (one compilation). When
+    π_ref is laid out on a mesh, each chunk's rows are split over its ``data`` × ``fsdp`` devices
+    (chunks rounded up to whole shards), so decoding is data-parallel, across hosts on a pod. Chunk
     i + 1 is dispatched before chunk i is copied to the host, and ``score(rows, chunk)`` (e.g. a
     task's rewards: decoding and answer checking, CPU work) runs on a helper thread meanwhile, so
     it stays off the accelerator's critical path; then ``(rollout, concatenated scores)`` is
@@ -459,6 +471,9 @@ def generate_chunked(
     Raises FloatingPointError (naming ``name`` and the rows) where the guidance was not finite.
     """
     n = len(prompt_ids)
+    mesh = _mesh_of(ref_model)
+    shards = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+    size = shards * -(-min(batch, n) // shards)  # rows per call: whole batch shards (padded with copies)
     starts = range(0, n, batch)
     outs: list[Rollout] = []
     scores: list[concurrent.futures.Future] = []
@@ -466,7 +481,7 @@ def generate_chunked(
     bar = tqdm(total=len(starts), desc=name, disable=not progress, unit="chunk")
 
     def finish(start: int, rows: np.ndarray, out: Rollout, pool) -> None:
-        host = jax.tree.map(lambda x: np.asarray(x)[: len(rows)], out)
+        host = jax.tree.map(lambda x: x[: len(rows)], sharding_lib.to_host(out))
         outs.append(host)
         if score is not None:
             scores.append(pool.submit(score, rows, host))
@@ -476,9 +491,16 @@ def generate_chunked(
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool, contextlib.closing(bar):
         pending = None
         for start in starts:
-            rows = np.minimum(np.arange(start, start + batch), n - 1) if n > batch else np.arange(n)
+            rows = np.minimum(np.arange(start, start + size), n - 1)
             chunk = {k: (np.asarray(v)[rows] if k == "switch_time" and v is not None else v) for k, v in kwargs.items()}
-            out = generate(ref_model, prompt_ids[rows], prompt_mask[rows], key=key, row_ids=rows, **chunk)
+            ids, mask, row_ids = prompt_ids[rows], prompt_mask[rows], rows.astype(np.int32)
+            if mesh is not None:  # each device (on a pod: each host) holds only its rows
+                ids, mask, row_ids = (sharding_lib.put(x, sharding_lib.batch_sharding(mesh, x.ndim))
+                                      for x in (ids, mask, row_ids))
+                if chunk.get("switch_time") is not None:
+                    chunk["switch_time"] = sharding_lib.put(chunk["switch_time"].astype(np.int32),
+                                                            sharding_lib.batch_sharding(mesh, 1))
+            out = generate(ref_model, ids, mask, key=key, row_ids=row_ids, **chunk)
             if pending is not None:
                 finish(*pending, pool)
             pending = (start, rows[: min(batch, n - start)], out)

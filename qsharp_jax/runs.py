@@ -23,7 +23,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from qsharp_jax import algorithm, rollout
+from qsharp_jax import algorithm, distributed, rollout
 from qsharp_jax import config as config_lib
 from qsharp_jax import sharding as sharding_lib
 from qsharp_jax.lock import RunLock
@@ -78,7 +78,7 @@ def build(cfg: RunConfig) -> tuple[Task, Transformer, ValueModel]:
 
 # RunConfig fields free to change on resume (they change nothing computed): the directory's
 # spelling (a moved run, a relative path) and the algorithm's own.
-RESUMABLE_FIELDS = ("run_dir", *(f"algorithm.{f}" for f in algorithm.RESUMABLE_FIELDS))
+RESUMABLE_FIELDS = ("run_dir", "mesh", *(f"algorithm.{f}" for f in algorithm.RESUMABLE_FIELDS))
 
 
 def start_or_resume(cfg: RunConfig, *, progress: bool = True) -> list[dict[str, float]]:
@@ -95,11 +95,15 @@ def start_or_resume(cfg: RunConfig, *, progress: bool = True) -> list[dict[str, 
     run_dir = Path(cfg.run_dir)
     config = config_lib.as_json(cfg)
     task, ref, value = build(cfg)
-    mesh = None if cfg.mesh is None else sharding_lib.make_mesh(*cfg.mesh)
-    _make_writable(run_dir)
+    mesh = run_mesh(cfg)
+    distributed.check_same_everywhere("the config", config)
+    if distributed.is_main():
+        _make_writable(run_dir)
+    distributed.check_shared_directory(run_dir)
     with contextlib.ExitStack() as stack:
         stack.callback(close_task, task)
-        if jax.process_index() == 0:  # on a pod the coordinator holds the lock
+        main = distributed.is_main()
+        if main:  # on a pod process 0 holds the lock and writes what is written once
             stack.enter_context(RunLock(run_dir))
         saved_file = run_dir / "config.json"
         if saved_file.exists():
@@ -108,9 +112,21 @@ def start_or_resume(cfg: RunConfig, *, progress: bool = True) -> list[dict[str, 
             if config_lib.differences(saved, config, RESUMABLE_FIELDS, defaults):
                 if _completed_iterations(run_dir):
                     config_lib.check_same(saved, config, str(run_dir), RESUMABLE_FIELDS, defaults)
-                _abandon(run_dir)
-        atomic_write(saved_file, lambda f: f.write(json.dumps(config, indent=1).encode()))
+                distributed.barrier("run/config-read")  # every process has read it before it moves
+                if main:
+                    _abandon(run_dir)
+        if main:
+            atomic_write(saved_file, lambda f: f.write(json.dumps(config, indent=1).encode()))
+        distributed.barrier("run/config-written")
         return algorithm.run(cfg.algorithm, task, ref, value, run_dir, progress=progress, mesh=mesh, lock=False)
+
+
+def run_mesh(cfg: RunConfig):
+    """The run's mesh: ``cfg.mesh``; unset, one device for a single process and every device of
+    the job, as ``data`` shards, for several processes (a pod)."""
+    if cfg.mesh is not None:
+        return sharding_lib.make_mesh(*cfg.mesh)
+    return sharding_lib.make_mesh(-1, 1, 1) if jax.process_count() > 1 else None
 
 
 def close_task(task: Task) -> None:
@@ -155,14 +171,20 @@ def _abandon(run_dir: Path) -> None:
                   f"{target} and the run restarts with the new config", stacklevel=3)
 
 
-def load_run(run_dir: str | Path) -> tuple[RunConfig, Task, Transformer, TrainState, int]:
-    """A trained run: its config, task, π_ref, and the newest checkpoint's train state and iteration."""
+def load_run(run_dir: str | Path, *, mesh: tuple[int, int, int] | None = None
+             ) -> tuple[RunConfig, Task, Transformer, TrainState, int]:
+    """A trained run: its config, task, π_ref, and the newest checkpoint's train state and iteration.
+    ``mesh`` (data, fsdp, tensor): lay π_ref and the state out on these devices, whatever mesh the
+    run was trained on (default: one device)."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").exists():
         raise FileNotFoundError(f"{run_dir}/config.json not found: is {run_dir} a run directory of `qsharp train`?")
     cfg = config_lib.load(RunConfig, run_dir / "config.json")
     task, ref, value = build(cfg)
-    state, meta = algorithm.latest_state(cfg.algorithm, value, run_dir)
+    devices = None if mesh is None else sharding_lib.make_mesh(*mesh)
+    state, meta = algorithm.latest_state(cfg.algorithm, value, run_dir, mesh=devices)
+    if devices is not None:
+        ref = sharding_lib.place(ref, devices)
     return cfg, task, ref, state, meta["iteration"]
 
 

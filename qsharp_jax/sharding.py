@@ -108,7 +108,43 @@ def state_shardings(state: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = D
 def place(module: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> Any:
     """The NNX ``module`` with its parameters moved onto ``mesh`` by their logical axes."""
     graphdef, state = nnx.split(module)
-    return nnx.merge(graphdef, jax.device_put(state, state_shardings(state, mesh, rules)))
+    return nnx.merge(graphdef, put(state, state_shardings(state, mesh, rules)))
+
+
+def put(tree: Any, shardings: Any) -> Any:
+    """``jax.device_put`` that also builds global arrays on a multi-process mesh.
+
+    A leaf bound for devices of other processes must hold the same value on every process (the
+    parameters of one seed, a batch every process computed alike): each process places the shards
+    its own devices hold (``jax.make_array_from_callback``). A leaf that already is a global array
+    is resharded by ``device_put``.
+    """
+
+    def one(x: Any, sharding: Any) -> Any:
+        if sharding.is_fully_addressable or (isinstance(x, jax.Array) and not x.is_fully_addressable):
+            return jax.device_put(x, sharding)
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):  # typed keys travel as their raw data
+            return jax.random.wrap_key_data(one(jax.random.key_data(x), sharding), impl=jax.random.key_impl(x))
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    # `shardings` may be a prefix of `tree` (one sharding for an NNX variable, or for everything)
+    return jax.tree.map(lambda s, sub: jax.tree.map(lambda x: one(x, s), sub), shardings, tree,
+                        is_leaf=lambda s: isinstance(s, jax.sharding.Sharding))
+
+
+def to_host(tree: Any) -> Any:
+    """Numpy copies of a tree of arrays, whole on every process (gathered from the other processes
+    where a global array has shards there)."""
+
+    def one(x: Any) -> np.ndarray:
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            from jax.experimental import multihost_utils
+
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(x)
+
+    return jax.tree.map(one, tree)
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:

@@ -285,7 +285,8 @@ def fit(
                 real = (index >= 0).reshape(index.shape + (1,) * (batches["loss_mask"].ndim - 2))
                 batches = {**batches, "loss_mask": batches["loss_mask"] & real}
             state, out = train_epoch(state, batches, *args)
-            finite = np.asarray(out["finite"])
+            out = sharding_lib.to_host(out)
+            finite = out["finite"]
             if not finite.all():
                 bar.close()
                 bad = int(np.argmin(finite))
@@ -346,7 +347,7 @@ def make_train_step(
 
     def sharded_step(state: TrainState, batch: Batch, extra: Any = None, halt: jax.Array | bool = False):
         # committed inputs carry their shardings into the jit: the state's are the step's
-        return jitted(jax.device_put(state, shardings), jax.device_put(batch, batch_sharding), extra, halt)
+        return jitted(sharding_lib.put(state, shardings), sharding_lib.put(batch, batch_sharding), extra, halt)
 
     sharded_step.jitted = jitted  # for lowering from abstract inputs (qsharp plan)
     return sharded_step

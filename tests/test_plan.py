@@ -53,3 +53,14 @@ def test_presets_are_checked_against_a_checkpoints_config():
     with pytest.raises(ValueError, match=r"ckpt/config.json is not a llama-3-8b checkpoint: hidden_size \(preset 4096, "
                                          r"checkpoint 2048\)"):
         check_matches("llama-3-8b", hf, "ckpt")
+
+
+def test_device_memory_sizes_and_the_table():
+    assert plan.parse_bytes("16GiB") == 16 * 2**30 and plan.parse_bytes("80GB") == 80e9
+    assert plan.parse_bytes("512MiB") == 2**29 and plan.parse_bytes("16") == 16 * 2**30  # a bare number is GiB
+    for bad in ("lots", "-1GiB", "16PB", ""):
+        with pytest.raises(ValueError, match="must be a positive size like 16GiB"):
+            plan.parse_bytes(bad)
+    summary = dict(zip(plan.SUMMARY_KEYS, [2**30, 2 * 2**30, 3 * 2**30, 2**29, 6 * 2**30]))
+    lines = plan.table(summary, 8 * 2**30).splitlines()
+    assert lines[2] == "| ref_params | 1073741824 | 1.00 | 12% |" and lines[-1] == "| total | 6442450944 | 6.00 | 75% |"

@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from qsharp_jax import sharding as sharding_lib
 from qsharp_jax.models import hf as hf_lib
 from qsharp_jax.models.cache import KVCache
 from qsharp_jax.models.transformer import Transformer, TransformerConfig, linear
@@ -231,7 +232,7 @@ def value_from_hf(
         dtype=dtype, ignore=(r"^lm_head\.weight$",), prefix="backbone.",
     )
     fresh = nnx.split(ValueHead(cfg.hidden_size, cfg.vocab_size, head, dtype=dtype, rngs=nnx.Rngs(seed)))[1]
-    head_state = jax.device_put(fresh, _values(shardings["head"]))
+    head_state = sharding_lib.put(fresh, _values(shardings["head"]))
     state["head"] = head_state
     return nnx.merge(graphdef, state)
 

@@ -1,0 +1,117 @@
+"""Multi-host runs, proven with several CPU processes on localhost: each is one JAX process with 4
+fake devices, joined through a local coordinator (gloo collectives), as hosts of a pod would be.
+
+The 2-process `qsharp train` must equal the single-process run on the same 8-device mesh, write
+one shared run directory, and leave checkpoints that restore onto another mesh; processes that
+disagree, a run directory they do not share and a coordinator that never answers are refused.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from qsharp_jax import cli, runs
+
+ROOT = Path(__file__).resolve().parents[1]
+TOY = str(ROOT / "experiments/planted_token/config.yaml")
+SMALL = ["mesh=[-1,1,1]", "algorithm.prompts_per_iteration=16", "algorithm.epochs=2", "algorithm.iterations=2"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(args_of, *, processes: int = 2, cwds=None, timeout: float = 240, port: int | None = None):
+    """Start ``processes`` copies of ``qsharp`` (``args_of(i)``: process i's arguments) as one job;
+    returns [(exit code, stderr)] per process."""
+    port = port or _free_port()
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT),
+           "XLA_FLAGS": "--xla_cpu_use_fusion_emitters=false --xla_force_host_platform_device_count=4",
+           "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": str(processes)}
+    procs = [subprocess.Popen([sys.executable, "-m", "qsharp_jax.cli", *args_of(i)], cwd=(cwds or [ROOT] * processes)[i],
+                              env={**env, "JAX_PROCESS_ID": str(i)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+             for i in range(processes)]
+    results = []
+    try:
+        for p in procs:
+            _, err = p.communicate(timeout=timeout)
+            results.append((p.returncode, err))
+    finally:
+        for p in procs:
+            p.kill()
+    return results
+
+
+def jax_leaves(tree) -> list[np.ndarray]:
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_processes_train_like_one(tmp_path):
+    """Collection, fit, evaluation and checkpoints of `qsharp train` over 2 processes × 4 devices
+    equal one process over the same 8-device mesh; the checkpoint restores onto other meshes."""
+    shared = tmp_path / "two"
+    for rc, err in _launch(lambda i: ["train", TOY, f"run_dir={shared}", *SMALL]):
+        assert rc == 0, err[-3000:]
+    single = tmp_path / "one"
+    assert cli.main(["train", TOY, f"run_dir={single}", *SMALL]) == 0
+    two, one = _metrics(shared), _metrics(single)
+    assert [m["iteration"] for m in two] == [0, 1] and [m["examples"] for m in two] == [64, 128]
+    for a, b in zip(two, one):
+        assert a.keys() == b.keys()
+        for k in a:  # tokens are the same draws; losses and KL up to float reassociation
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), k
+    # one shared directory: one config, one store, one checkpoint per iteration
+    assert sorted(p.name for p in (shared / "checkpoints").iterdir()) == ["0", "1"]
+    assert json.loads((shared / "data" / "manifest.json").read_text()) == \
+        json.loads((single / "data" / "manifest.json").read_text())
+    assert not list(shared.glob(".shared-check-*"))
+    # saved on (data 8) by two processes; restored on one device, on (data 2, fsdp 4) and (data 8)
+    states = [runs.load_run(shared, mesh=mesh)[3] for mesh in (None, (2, 4, 1), (8, 1, 1))]
+    reference = runs.load_run(single)[3]
+    flat = [np.concatenate([np.ravel(x) for x in jax_leaves(s.params)]) for s in states]
+    for f in flat[1:]:
+        np.testing.assert_array_equal(f, flat[0])
+    np.testing.assert_allclose(flat[0], np.concatenate([np.ravel(x) for x in jax_leaves(reference.params)]),
+                               rtol=1e-4, atol=1e-6)
+    laid_out = {tuple(x.sharding.mesh.shape.values()) for x in jax.tree.leaves(states[1].params)}
+    assert laid_out == {(2, 4, 1)}
+
+
+def test_processes_that_disagree_on_the_config_are_refused(tmp_path):
+    results = _launch(lambda i: ["train", TOY, f"run_dir={tmp_path}/run", *SMALL, f"algorithm.eta={0.05 + 0.05 * i}"])
+    for rc, err in results:
+        assert rc == 2 and "the processes disagree on the config" in err, err[-2000:]
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_directory_the_processes_do_not_share_is_refused(tmp_path):
+    """The same relative run_dir from two working directories: two directories, as on hosts
+    without a shared filesystem."""
+    cwds = [tmp_path / "host0", tmp_path / "host1"]
+    for c in cwds:
+        c.mkdir()
+    results = _launch(lambda i: ["train", TOY, "run_dir=run", *SMALL], cwds=cwds)
+    for rc, err in results:
+        assert rc == 2 and "is not shared: processes [1]" in err, err[-2000:]
+    assert not (cwds[0] / "run" / "config.json").exists()
+
+
+def test_a_coordinator_that_never_answers_times_out_naming_it(tmp_path):
+    port = _free_port()
+    (rc, err), = _launch(lambda i: ["train", TOY, f"run_dir={tmp_path}/run", "--init-timeout", "3",
+                                    "--process-id", "1", "--num-processes", "2"], processes=1, port=port, timeout=120)
+    assert rc == 2 and f"could not join the job at 127.0.0.1:{port} within 3 s" in err, err[-2000:]
