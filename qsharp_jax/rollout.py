@@ -452,6 +452,32 @@ def _mesh_of(model: nnx.Module):
     return None
 
 
+def _local_positions(mesh, size: int) -> np.ndarray | None:
+    """Positions of a ``size``-row chunk that this process's devices hold on ``mesh`` (None in a
+    single process: all of them)."""
+    if mesh is None or jax.process_count() == 1:
+        return None
+    held = sharding_lib.batch_sharding(mesh, 1).addressable_devices_indices_map((size,))
+    return np.asarray(sorted({i for index in held.values() for i in range(*index[0].indices(size))}), np.int64)
+
+
+def _gather_rows(values: Any, mine: np.ndarray, count: int, width: int) -> np.ndarray:
+    """Every process's scores of its own rows (``values`` at positions ``mine``), assembled into
+    the chunk's ``count`` scores on every process (an all-gather of scalars, not of completions)."""
+    from jax.experimental import multihost_utils
+
+    values = np.asarray(values, np.float64)
+    positions = np.full(width, -1, np.int64)
+    padded = np.zeros(width, np.float64)
+    positions[: len(mine)], padded[: len(mine)] = mine, values
+    every_position, every_value = (np.asarray(x).reshape(-1) for x in
+                                   multihost_utils.process_allgather((positions, padded)))
+    out = np.full(count, np.nan)
+    real = every_position >= 0
+    out[every_position[real]] = every_value[real]
+    return out
+
+
 def generate_chunked(
     ref_model: Transformer, prompt_ids: np.ndarray, prompt_mask: np.ndarray, *, key: jax.Array, batch: int,
     name: str = "generate", score: Callable[[np.ndarray, Rollout], Any] | None = None, progress: bool = False,
@@ -466,7 +492,8 @@ def generate_chunked(
     i + 1 is dispatched before chunk i is copied to the host, and ``score(rows, chunk)`` (e.g. a
     task's rewards: decoding and answer checking, CPU work) runs on a helper thread meanwhile, so
     it stays off the accelerator's critical path; then ``(rollout, concatenated scores)`` is
-    returned. ``kwargs``: of :func:`generate` (``switch_time`` is per row and chunked with them).
+    returned. On a pod each host scores only the rows it decoded, and the scores (floats) are
+    gathered to every host. ``kwargs``: of :func:`generate` (``switch_time`` is per row and chunked with them).
 
     Raises FloatingPointError (naming ``name`` and the rows) where the guidance was not finite.
     """
@@ -474,6 +501,7 @@ def generate_chunked(
     mesh = _mesh_of(ref_model)
     shards = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
     size = shards * -(-min(batch, n) // shards)  # rows per call: whole batch shards (padded with copies)
+    local = _local_positions(mesh, size)  # on a pod: the chunk positions this host decodes (and scores)
     starts = range(0, n, batch)
     outs: list[Rollout] = []
     scores: list[concurrent.futures.Future] = []
@@ -484,7 +512,9 @@ def generate_chunked(
         host = jax.tree.map(lambda x: x[: len(rows)], sharding_lib.to_host(out))
         outs.append(host)
         if score is not None:
-            scores.append(pool.submit(score, rows, host))
+            mine = np.arange(len(rows)) if local is None else local[local < len(rows)]
+            part = host if local is None else jax.tree.map(lambda x: x[mine], host)
+            scores.append((len(rows), mine, pool.submit(score, rows[mine], part)))
         bar.update(1)  # a chunk is done when its tokens are on the host, not when it is dispatched
         failpoints.reach(f"{name}/{start}")
 
@@ -506,7 +536,8 @@ def generate_chunked(
             pending = (start, rows[: min(batch, n - start)], out)
         if pending is not None:
             finish(*pending, pool)
-        scored = [f.result() for f in scores]
+        scored = [np.asarray(f.result()) if local is None else _gather_rows(f.result(), mine, count, len(local))
+                  for count, mine, f in scores]
     out = jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
     if not out.finite.all():
         bad = np.flatnonzero(~out.finite)
