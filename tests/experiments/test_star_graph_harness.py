@@ -140,7 +140,7 @@ def test_preference_pairs_need_a_wrong_sample(tmp_path):
                              lambda *a: exp.sample(cfg, *a), always_right, progress=False)
 
 
-SHIPPED = ["demo", "demo_g3_4", "demo_g5_5", "demo_g3_8", "g2_3", "g2_5_small", "g2_5_lookahead", "g2_5", "g5_5", "g3_8"]
+SHIPPED = ["demo", "demo_g2_6", "demo_g3_4", "demo_g5_5", "demo_g3_8", "g2_3", "g2_5_small", "g2_5_lookahead", "g2_5", "g5_5", "g3_8"]
 
 
 def _shipped(name):
@@ -155,7 +155,7 @@ def test_shipped_configs_load(name):
     assert cfg.qsharp.max_new_tokens == cfg.graph.answer_length and cfg.qsharp.eta == 0.1 and cfg.qsharp.top_k == 10
 
 
-@pytest.mark.parametrize("name", ["demo_g3_4", "demo_g5_5", "demo_g3_8"])
+@pytest.mark.parametrize("name", ["demo_g2_6", "demo_g3_4", "demo_g5_5", "demo_g3_8"])
 def test_the_demo_recipe_on_other_graphs_changes_only_what_the_graph_forces(name):
     forced = ("run_dir", "reference.max_positions", "value.max_positions", "qsharp.max_new_tokens", "qsharp.lookahead")
     differ = config.differences(config.as_json(_shipped("demo")), config.as_json(_shipped(name)), ignore=forced)
