@@ -267,8 +267,8 @@ def _run(cfg: AlgorithmConfig, task: Task, ref: Transformer, value: ValueModel, 
         checkpoints.save(iteration, state, {"iteration": iteration, "config": config, "history": history})
         if main:
             _write_metrics(run_dir, history, failpoint=f"metrics/{iteration}")
-    if start == cfg.iterations and main:  # nothing left to do, but a kill may have come between checkpoint and metrics
-        _write_metrics(run_dir, history)
+    if start == cfg.iterations and main:  # nothing left to do, but a kill may have come between checkpoint
+        _write_metrics(run_dir, history)  # and metrics
     distributed.barrier("run/end")
     return history
 

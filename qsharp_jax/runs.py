@@ -77,7 +77,8 @@ def build(cfg: RunConfig) -> tuple[Task, Transformer, ValueModel]:
 
 
 # RunConfig fields free to change on resume (they change nothing computed): the directory's
-# spelling (a moved run, a relative path) and the algorithm's own.
+# spelling (a moved run, a relative path), the mesh (checkpoints reshard on load; sums change in
+# their last float bits) and the algorithm's own.
 RESUMABLE_FIELDS = ("run_dir", "mesh", *(f"algorithm.{f}" for f in algorithm.RESUMABLE_FIELDS))
 
 

@@ -89,6 +89,9 @@ def test_two_processes_train_like_one(tmp_path):
                                rtol=1e-4, atol=1e-6)
     laid_out = {tuple(x.sharding.mesh.shape.values()) for x in jax.tree.leaves(states[1].params)}
     assert laid_out == {(2, 4, 1)}
+    # the run resumes in one process on another mesh and extends by an iteration
+    assert cli.main(["train", TOY, f"run_dir={shared}", *SMALL[1:-1], "mesh=[2,4,1]", "algorithm.iterations=3"]) == 0
+    assert [m["iteration"] for m in _metrics(shared)] == [0, 1, 2] and _metrics(shared)[:2] == two
 
 
 def test_processes_that_disagree_on_the_config_are_refused(tmp_path):
