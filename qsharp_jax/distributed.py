@@ -52,7 +52,7 @@ class Processes:
 
 def detected_cluster() -> str | None:
     """The name of the cluster environment JAX would join by itself (TPU VM, SLURM, Open MPI), if any.
-    Reads the environment only: it starts no backend."""
+    Reads the environment (on a Cloud TPU VM, also its metadata server); starts no backend."""
     try:
         from jax._src.clusters import ClusterEnv
     except ImportError:  # a JAX without the detector: only explicit start-up

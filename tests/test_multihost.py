@@ -118,3 +118,19 @@ def test_a_coordinator_that_never_answers_times_out_naming_it(tmp_path):
     (rc, err), = _launch(lambda i: ["train", TOY, f"run_dir={tmp_path}/run", "--init-timeout", "3",
                                     "--process-id", "1", "--num-processes", "2"], processes=1, port=port, timeout=120)
     assert rc == 2 and f"could not join the job at 127.0.0.1:{port} within 3 s" in err, err[-2000:]
+
+
+def test_cluster_detection_and_the_environment(monkeypatch):
+    from qsharp_jax import distributed
+
+    for name in ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID",
+                 "OMPI_MCA_orte_hnp_uri", "PMIX_SERVER_URI2"):
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.detected_cluster() is None
+    for name, value in (("SLURM_JOB_ID", "7"), ("SLURM_STEP_NODELIST", "n[1-2]"), ("SLURM_NTASKS", "2"),
+                        ("SLURM_PROCID", "1"), ("SLURM_LOCALID", "0")):
+        monkeypatch.setenv(name, value)
+    assert distributed.detected_cluster() == "SlurmCluster"
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "two")
+    with pytest.raises(ValueError, match=r"JAX_NUM_PROCESSES='two' must be an integer"):
+        distributed.initialize()
