@@ -173,6 +173,11 @@ def maj_at_k(answers: Sequence[Sequence[str | None]], golds: Sequence[str], k: i
 def _worker(conn, verify: Callable[[str, str], bool]) -> None:
     """A checker process: answers ``(pred, gold)`` pairs from ``conn`` until it gets None."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the parent, which stops us
+    try:  # warm up (imports, parser tables) before any pair's time-out starts counting
+        verify("1", "1")
+    except Exception:  # noqa: BLE001 - a verify that fails here fails on real pairs the same way
+        pass
+    conn.send("ready")
     while True:
         try:
             item = conn.recv()
@@ -185,6 +190,9 @@ def _worker(conn, verify: Callable[[str, str], bool]) -> None:
             conn.send(bool(verify(pred, gold)))
         except Exception:  # noqa: BLE001 - odd input: not equivalent
             conn.send(False)
+
+
+STARTUP_TIMEOUT = 300  # seconds for a checking worker to start and import its verifier
 
 
 class AnswerChecker:
@@ -215,6 +223,15 @@ class AnswerChecker:
         process = self._context.Process(target=_worker, args=(child, self._verify), daemon=True)
         process.start()
         child.close()
+        # a fresh worker's first check includes its imports (seconds on a slow machine): wait for it
+        # here, so that no pair is scored wrong for the worker's start-up
+        try:
+            ready = parent.poll(STARTUP_TIMEOUT) and parent.recv() == "ready"
+        except EOFError:  # it died while starting
+            ready = False
+        if not ready:
+            process.kill()
+            raise RuntimeError(f"an answer-checking worker did not start within {STARTUP_TIMEOUT} s")
         return process, parent
 
     def __call__(self, preds: Sequence[str | None], golds: Sequence[str]) -> np.ndarray:
