@@ -28,7 +28,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
-from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from qsharp_jax import config as config_lib
@@ -260,6 +259,8 @@ def _run(cfg: AlgorithmConfig, task: Task, ref: Transformer, value: ValueModel, 
                            **(diagnostics(state.model(), iteration) if diagnostics else {})})
         history.append(metrics)
         if main:
+            from tensorboardX import SummaryWriter  # here: it imports PyTorch where installed (3 s)
+
             with SummaryWriter(str(run_dir / "tensorboard")) as writer:
                 for name, value_ in metrics.items():
                     if name != "iteration" and value_ is not None:  # None: a skipped fit

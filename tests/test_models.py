@@ -44,13 +44,13 @@ def test_logits_match_pytorch(checkpoints, kind):
     ids = np.random.default_rng(0).integers(0, 61, size=(2, 40 if kind != "gpt2" else 32))
     expected = torch_logits(torch_model, ids)
     assert np.abs(expected).max() > 1.0  # the comparison is not between near-zero numbers
-    np.testing.assert_allclose(model(jnp.asarray(ids, jnp.int32)), expected, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(jax.jit(model)(jnp.asarray(ids, jnp.int32)), expected, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_left_padding_matches_pytorch(checkpoints, kind):
     path, torch_model = checkpoints[kind]
-    model = from_hf(path)
+    model = jax.jit(from_hf(path))
     ids, mask = left_padded_batch(np.random.default_rng(1), 61)
     got = np.asarray(model(jnp.asarray(ids, jnp.int32), jnp.asarray(mask)))
     expected = torch_logits(torch_model, ids, mask)
@@ -65,7 +65,7 @@ def test_left_padding_matches_pytorch(checkpoints, kind):
 def test_cached_decoding_equals_full_forward(checkpoints, kind):
     model = from_hf(checkpoints[kind][0])
     ids, mask = left_padded_batch(np.random.default_rng(2), 61, length=20)
-    full = np.asarray(model(jnp.asarray(ids, jnp.int32), jnp.asarray(mask)))
+    full = np.asarray(jax.jit(model)(jnp.asarray(ids, jnp.int32), jnp.asarray(mask)))
     prompt = 14
     cache = model.init_cache(ids.shape[0], 24)
     extend = jax.jit(lambda m, i, c, a: m.extend(i, c, a), donate_argnums=2)  # the cache is updated in place
@@ -85,11 +85,12 @@ def test_candidates_equal_appending_each_token(checkpoints, kind):
     model = from_hf(checkpoints[kind][0])
     ids, mask = left_padded_batch(np.random.default_rng(3), 61, length=16)
     cache = model.init_cache(3, 20)
-    _, cache = model.extend(jnp.asarray(ids, jnp.int32), cache, jnp.asarray(mask))
+    extend = jax.jit(model.extend)
+    _, cache = extend(jnp.asarray(ids, jnp.int32), cache, jnp.asarray(mask))
     candidates = jnp.asarray(np.random.default_rng(4).integers(0, 61, size=(3, 5)), jnp.int32)
-    got = np.asarray(model.logits(model.candidates_hidden(candidates, cache)))
+    got = np.asarray(jax.jit(lambda c, k: model.logits(model.candidates_hidden(c, k)))(candidates, cache))
     for j in range(5):
-        one, _ = model.extend(candidates[:, j : j + 1], cache)
+        one, _ = extend(candidates[:, j : j + 1], cache)
         np.testing.assert_allclose(got[:, j], np.asarray(one)[:, 0], atol=1e-4, rtol=1e-4)
 
 
@@ -100,8 +101,10 @@ def test_branches_equal_appending_each_token_to_each_prefix(checkpoints, kind):
     model = from_hf(checkpoints[kind][0])
     ids, mask = left_padded_batch(np.random.default_rng(7), 61, length=12)
     branch = np.random.default_rng(8).integers(0, 61, size=(3, 12, 3))
-    hidden, branches = model.branches_hidden(jnp.asarray(ids, jnp.int32), jnp.asarray(mask), jnp.asarray(branch))
-    np.testing.assert_allclose(hidden, model.hidden(jnp.asarray(ids, jnp.int32), jnp.asarray(mask)), atol=1e-5)
+    hidden, branches = jax.jit(model.branches_hidden)(jnp.asarray(ids, jnp.int32), jnp.asarray(mask),
+                                                      jnp.asarray(branch))
+    whole = jax.jit(model.hidden)
+    np.testing.assert_allclose(hidden, whole(jnp.asarray(ids, jnp.int32), jnp.asarray(mask)), atol=1e-5)
     # brute force: every extended prefix as its own (right-padded) sequence, in one batch
     seqs, where = [], []
     for b in range(3):
@@ -115,7 +118,7 @@ def test_branches_equal_appending_each_token_to_each_prefix(checkpoints, kind):
     real = np.zeros((len(seqs), 13), bool)
     for i, seq in enumerate(seqs):
         padded[i, : len(seq)], real[i, : len(seq)] = seq, True
-    alone = np.asarray(model.hidden(jnp.asarray(padded), jnp.asarray(real)))
+    alone = np.asarray(whole(jnp.asarray(padded), jnp.asarray(real)))
     for i, (b, t, j) in enumerate(where):
         np.testing.assert_allclose(branches[b, t, j], alone[i, len(seqs[i]) - 1], atol=1e-4, rtol=1e-4)
 
@@ -127,7 +130,7 @@ def test_mistral_sliding_window_is_applied(checkpoints):
     ids = np.random.default_rng(5).integers(0, 61, size=(1, 12))
     changed = ids.copy()
     changed[0, 0] = (ids[0, 0] + 1) % 61
-    a, b = (np.asarray(model(jnp.asarray(x, jnp.int32))) for x in (ids, changed))
+    a, b = (np.asarray(jax.jit(model)(jnp.asarray(x, jnp.int32))) for x in (ids, changed))
     # position 11 sees positions 7..11 in layer 2 and 3..11 through layer 1: position 0 is out of reach
     np.testing.assert_allclose(a[0, 11], b[0, 11], atol=1e-6)
     assert np.abs(a[0, 1] - b[0, 1]).max() > 1e-3
@@ -158,10 +161,10 @@ def test_bf16_checkpoint_loads_in_bf16_and_f32(tmp_path):
     torch_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     reference = torch_logits(torch_model, ids)
     f32 = from_hf(tmp_path)
-    np.testing.assert_allclose(f32(jnp.asarray(ids, jnp.int32)), reference, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(jax.jit(f32)(jnp.asarray(ids, jnp.int32)), reference, atol=1e-4, rtol=1e-4)
     bf16 = from_hf(tmp_path, dtype=jnp.bfloat16)
     assert bf16.layers[0].q[...].dtype == jnp.bfloat16
-    out = np.asarray(bf16(jnp.asarray(ids, jnp.int32)))
+    out = np.asarray(jax.jit(bf16)(jnp.asarray(ids, jnp.int32)))
     assert out.dtype == np.float32
     assert np.abs(out - reference).max() < 0.1 * np.abs(reference).max()
 

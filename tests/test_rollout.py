@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from forward import at_width
 from scipy import stats
 
 from qsharp_jax import guidance, sharding
@@ -234,6 +235,8 @@ def test_guided_by_a_token_shift_value_model_equals_whole_sequence_guidance(ref,
     graphdef, state = nnx.split(ValueModel(cfg, HeadConfig("categorical", 11), rngs=nnx.Rngs(4)))
     value = nnx.merge(graphdef, jax.tree.map(lambda x: x * 4.0, state))  # values far from uniform
     ids, mask = prompts(3, seed=6)
+    width = ids.shape[1] + 4 + max(lookahead, 1)  # the longest sequence scored below
+    whole_ref, whole_value = at_width(ref, width), at_width(value, width)
     eta, k, steps = 0.2, 4, 4
     atoms = jnp.linspace(0, 1, 11)
     out = generate(ref, ids, mask, key=jax.random.key(5), max_new_tokens=steps, value_model=value, guidance=guide,
@@ -246,15 +249,15 @@ def test_guided_by_a_token_shift_value_model_equals_whole_sequence_guidance(ref,
         grow = lambda s, kp, tok: (jnp.concatenate([s, tok[:, None]], 1), jnp.concatenate([kp, ones], 1))  # noqa: E731
         seq, keep = grow(seq, keep, y)
         if not lookahead:
-            return offset(value(seq, keep)[:, -1], atoms, eta)
-        ended, at_end = y == eos, offset(value(seq, keep)[:, -1], atoms, eta)
+            return offset(whole_value(seq, keep)[:, -1], atoms, eta)
+        ended, at_end = y == eos, offset(whole_value(seq, keep)[:, -1], atoms, eta)
         for _ in range(lookahead - 1):
-            seq, keep = grow(seq, keep, jnp.argmax(ref(seq, keep)[:, -1], -1))
+            seq, keep = grow(seq, keep, jnp.argmax(whole_ref(seq, keep)[:, -1], -1))
             now = (seq[:, -1] == eos) & ~ended
-            at_end = jnp.where(now, offset(value(seq, keep)[:, -1], atoms, eta), at_end)
+            at_end = jnp.where(now, offset(whole_value(seq, keep)[:, -1], atoms, eta), at_end)
             ended = ended | now
-        top_logits, nxt = jax.lax.top_k(ref(seq, keep)[:, -1], k)
-        later = jnp.stack([offset(value(*grow(seq, keep, nxt[:, c]))[:, -1], atoms, eta) for c in range(k)], 1)
+        top_logits, nxt = jax.lax.top_k(whole_ref(seq, keep)[:, -1], k)
+        later = jnp.stack([offset(whole_value(*grow(seq, keep, nxt[:, c]))[:, -1], atoms, eta) for c in range(k)], 1)
         w = jax.nn.softmax(top_logits, axis=-1)
         mixed = jnp.sum(w * later, -1) if guide == "cd" else jnp.log(jnp.sum(w * jnp.exp(later), -1))
         reached_eos.append(np.asarray(ended))
@@ -267,7 +270,7 @@ def test_guided_by_a_token_shift_value_model_equals_whole_sequence_guidance(ref,
     for t in range(steps):
         seq = jnp.concatenate([ids, jnp.asarray(tokens[:, :t])], 1)
         keep = jnp.concatenate([mask, jnp.ones((3, t), bool)], 1)
-        ref_logits = ref(seq, keep)[:, -1]
+        ref_logits = whole_ref(seq, keep)[:, -1]
         cand = jax.lax.top_k(ref_logits, k)[1]
         offsets = jnp.stack([value_of(seq, keep, cand[:, j]) for j in range(k)], 1)
         guided = jnp.where(jnp.array([True, t < 2, True])[:, None], guidance.guided_logits(ref_logits, cand, offsets),

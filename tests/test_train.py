@@ -52,8 +52,8 @@ def test_schedule_warmup_then_cosine():
 def test_value_loss_matches_manual(q_type):
     model = ValueModel(CFG, HeadConfig("categorical", 5, q_type=q_type), rngs=nnx.Rngs(0))
     batch = toy_batch()
-    loss, metrics = value_loss(model, batch)
-    out = np.asarray(model(batch["tokens"], batch["attention_mask"]))
+    loss, metrics = jax.jit(value_loss)(model, batch)
+    out = np.asarray(jax.jit(model)(batch["tokens"], batch["attention_mask"]))
     mask = np.asarray(batch["loss_mask"] & batch["attention_mask"])
     tokens = np.asarray(batch["tokens"])
     if q_type:  # value of the prefix ending at t sits at t-1, indexed by token t
@@ -73,8 +73,8 @@ def test_value_loss_with_a_target_per_prefix(q_type):
     model = ValueModel(CFG, HeadConfig("categorical", 5, q_type=q_type), rngs=nnx.Rngs(0))
     batch = toy_batch()
     per_prefix = np.random.default_rng(1).random(batch["tokens"].shape).astype(np.float32)
-    loss, metrics = value_loss(model, {k: v for k, v in batch.items() if k != "rewards"} | {"returns": per_prefix})
-    out = np.asarray(model(batch["tokens"], batch["attention_mask"]))
+    loss, metrics = jax.jit(value_loss)(model, {k: v for k, v in batch.items() if k != "rewards"} | {"returns": per_prefix})
+    out = np.asarray(jax.jit(model)(batch["tokens"], batch["attention_mask"]))
     mask = np.asarray(batch["loss_mask"] & batch["attention_mask"])
     tokens, returns = np.asarray(batch["tokens"]), per_prefix
     if q_type:  # the prefix ending at t is read at t-1, indexed by token t
@@ -176,8 +176,8 @@ def test_bellman_loss_matches_manual_targets():
     batch = toy_batch(n=4)
     rng = np.random.default_rng(1)
     batch["ref_logits"] = jnp.asarray(rng.normal(size=(*batch["tokens"].shape, V)), jnp.float32)
-    loss, _ = bellman_value_loss(model, batch)
-    out = np.asarray(model(batch["tokens"], batch["attention_mask"]), np.float64)
+    loss, _ = jax.jit(bellman_value_loss)(model, batch)
+    out = np.asarray(jax.jit(model)(batch["tokens"], batch["attention_mask"]), np.float64)
     tokens, attention = np.asarray(batch["tokens"]), np.asarray(batch["attention_mask"])
     atoms = np.linspace(0, 1, 5)
     total, count = 0.0, 0
@@ -223,10 +223,11 @@ def test_v_type_bellman_loss_matches_brute_force():
     ref = Transformer(CFG, rngs=nnx.Rngs(5))
     batch = toy_batch(n=4)
     k = 3
-    batch.update(reference_inputs(ref, batch["tokens"], batch["attention_mask"], top_k=k))
-    loss, _ = bellman_value_loss(model, batch)
+    batch.update(jax.jit(reference_inputs, static_argnames="top_k")(ref, batch["tokens"], batch["attention_mask"],
+                                                                   top_k=k))
+    loss, _ = jax.jit(bellman_value_loss)(model, batch)
     tokens, attention = np.asarray(batch["tokens"]), np.asarray(batch["attention_mask"])
-    ref_logits = np.asarray(ref(batch["tokens"], batch["attention_mask"]), np.float64)
+    ref_logits = np.asarray(jax.jit(ref)(batch["tokens"], batch["attention_mask"]), np.float64)
     atoms = np.linspace(0, 1, 5)
     softmax = lambda x: np.exp(x - x.max(-1, keepdims=True)) / np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True)  # noqa: E731
     # brute force: each prefix and each of its top-k extensions as its own right-padded sequence
@@ -244,7 +245,7 @@ def test_v_type_bellman_loss_matches_brute_force():
     real_mask = np.zeros(padded.shape, bool)
     for i, s in enumerate(flat):
         padded[i, : len(s)], real_mask[i, : len(s)] = s, True
-    out = np.asarray(model(jnp.asarray(padded), jnp.asarray(real_mask)), np.float64)
+    out = np.asarray(jax.jit(model)(jnp.asarray(padded), jnp.asarray(real_mask)), np.float64)
     value = lambda i: out[i, len(flat[i]) - 1]  # noqa: E731
     total, i = 0.0, 0
     for n, t, prefix, top, group in seqs:
@@ -267,9 +268,10 @@ def test_v_type_bellman_gradient_skips_the_targets():
     model = ValueModel(CFG, HeadConfig("categorical", 5), rngs=nnx.Rngs(6))
     ref = Transformer(CFG, rngs=nnx.Rngs(7))
     batch = toy_batch(n=4)
-    batch.update(reference_inputs(ref, batch["tokens"], batch["attention_mask"], top_k=3))
+    batch.update(jax.jit(reference_inputs, static_argnames="top_k")(ref, batch["tokens"], batch["attention_mask"],
+                                                                   top_k=3))
     graphdef, params = nnx.split(model)
-    _, branches = model.score_branches(batch["tokens"], batch["attention_mask"], batch["ref_top_ids"])
+    _, branches = jax.jit(model.score_branches)(batch["tokens"], batch["attention_mask"], batch["ref_top_ids"])
     frozen = jax.nn.softmax(branches, axis=-1)
 
     def with_frozen(p):
@@ -340,4 +342,4 @@ def test_next_token_training_matches_pytorch(tmp_path, kind):
     ids = rng.integers(0, 61, size=(2, 20))
     with torch.no_grad():
         expected = reference(input_ids=torch.tensor(ids)).logits.numpy()
-    np.testing.assert_allclose(state.model()(jnp.asarray(ids, jnp.int32)), expected, atol=2e-4, rtol=1e-3)
+    np.testing.assert_allclose(jax.jit(state.model())(jnp.asarray(ids, jnp.int32)), expected, atol=2e-4, rtol=1e-3)

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from forward import at_width
 from hf_fixtures import make_checkpoint
 from qsharp_jax import sharding
 from qsharp_jax.models import from_hf
@@ -51,13 +52,13 @@ def test_score_candidates_equals_appending_each(llama_dir):
     ids = _ids(1, (2, 7))
     mask = jnp.asarray([[False, False, True, True, True, True, True], [True] * 7])
     cache = value.init_cache(2, 12)
-    _, cache = value.extend(ids, cache, mask)
+    _, cache = jax.jit(value.extend)(ids, cache, mask)
     candidates = _ids(2, (2, 4))
     scored = np.asarray(jax.jit(lambda v, c, k: v.score_candidates(c, k))(value, candidates, cache))
     assert scored.shape == (2, 4, 11)
     for j in range(4):
         # appending candidate j to the prompt and running the whole sequence uncached
-        full = np.asarray(value(jnp.concatenate([ids, candidates[:, j : j + 1]], 1), jnp.concatenate([mask, jnp.ones((2, 1), bool)], 1)))
+        full = np.asarray(jax.jit(value)(jnp.concatenate([ids, candidates[:, j : j + 1]], 1), jnp.concatenate([mask, jnp.ones((2, 1), bool)], 1)))
         np.testing.assert_allclose(scored[:, j], full[:, -1], atol=1e-4, rtol=1e-4)
 
 
@@ -73,11 +74,11 @@ def test_sharded_value_models_equal_single_device(llama_dir):
     ids = _ids(4, (4, 6))
     single, sharded = value_from_hf(llama_dir, head, seed=5), value_from_hf(llama_dir, head, seed=5, mesh=mesh)
     assert tuple(sharded.head.kernel[...].sharding.spec) == (None, "fsdp")  # 61*11 does not divide by 2
-    np.testing.assert_allclose(jax.jit(lambda m, i: m(i))(sharded, ids), single(ids), atol=1e-5)
+    np.testing.assert_allclose(jax.jit(lambda m, i: m(i))(sharded, ids), jax.jit(single)(ids), atol=1e-5)
     cfg = from_hf(llama_dir).cfg
     scratch, scratch_sharded = value_from_scratch(cfg, head, seed=6), value_from_scratch(cfg, head, seed=6, mesh=mesh)
     assert tuple(scratch_sharded.backbone.layers[0].up[...].sharding.spec) == ("tensor", "fsdp")
-    np.testing.assert_allclose(jax.jit(lambda m, i: m(i))(scratch_sharded, ids), scratch(ids), atol=1e-5)
+    np.testing.assert_allclose(jax.jit(lambda m, i: m(i))(scratch_sharded, ids), jax.jit(scratch)(ids), atol=1e-5)
 
 
 def test_vocabulary_mismatch_and_bad_heads(llama_dir):
@@ -109,18 +110,19 @@ def test_commit_candidate_equals_extend(llama_dir):
     ids = _ids(5, (2, 6))
     mask = jnp.asarray([[False, True, True, True, True, True], [True] * 6])
     cache = value.init_cache(2, 10)
-    _, cache = value.extend(ids, cache, mask)
+    extend = jax.jit(value.extend)  # compiled, as decoding runs it (eagerly, it compiles op by op)
+    _, cache = extend(ids, cache, mask)
     candidates = _ids(6, (2, 3))
-    _, kv = value.score_candidates(candidates, cache, return_kv=True)
+    _, kv = jax.jit(value.score_candidates, static_argnames="return_kv")(candidates, cache, return_kv=True)
     choice = jnp.array([2, 0])
-    committed = value.commit_candidate(cache, kv, choice)
+    committed = jax.jit(value.commit_candidate)(cache, kv, choice)
     chosen = jnp.take_along_axis(candidates, choice[:, None], 1)
-    _, extended = value.extend(chosen, cache)
+    _, extended = extend(chosen, cache)
     for a, b in zip(jax.tree.leaves(committed), jax.tree.leaves(extended)):
         np.testing.assert_allclose(a, b, atol=1e-5)
     # and the next step sees the same thing
     nxt = _ids(7, (2, 1))
-    np.testing.assert_allclose(value.extend(nxt, committed)[0], value.extend(nxt, extended)[0], atol=1e-5)
+    np.testing.assert_allclose(extend(nxt, committed)[0], extend(nxt, extended)[0], atol=1e-5)
 
 
 def test_identity_qk_init_sets_only_queries_and_keys():
@@ -183,11 +185,11 @@ def test_token_shift_adds_the_embedding_of_the_real_token_n_back():
         for name, var in vars(a).items():
             if isinstance(var, nnx.Param):
                 np.testing.assert_array_equal(np.asarray(var[...]), np.asarray(getattr(b, name)[...]))
-    by_hand = plain.hidden(jnp.arange(len(pairs))[None])
-    np.testing.assert_allclose(np.asarray(shifted.hidden(jnp.asarray(ids))), np.asarray(by_hand), atol=1e-5)
+    by_hand = jax.jit(plain.hidden)(jnp.arange(len(pairs))[None])
+    np.testing.assert_allclose(np.asarray(jax.jit(shifted.hidden)(jnp.asarray(ids))), np.asarray(by_hand), atol=1e-5)
     padded = np.concatenate([np.full((1, 3), 5), ids], axis=1)
     mask = np.arange(padded.shape[1])[None] >= 3
-    np.testing.assert_allclose(np.asarray(shifted.hidden(jnp.asarray(padded), jnp.asarray(mask)))[:, 3:],
+    np.testing.assert_allclose(np.asarray(jax.jit(shifted.hidden)(jnp.asarray(padded), jnp.asarray(mask)))[:, 3:],
                                np.asarray(by_hand), atol=1e-5)
     with pytest.raises(ValueError, match="token_shift must be >= 0"):
         dataclasses.replace(shifted.cfg, token_shift=-1)
@@ -203,36 +205,43 @@ def test_cached_paths_equal_whole_sequences(n):
 
     model = build_reference(ModelSpec(architecture="gpt2", vocab_size=9, hidden_size=16, num_layers=2, num_heads=4,
                                       mlp_dim=32, max_positions=24, seed=5, token_shift=n))
+    # compiled, as the decoding loop runs them (eagerly, each call would compile op by op)
+    extend_hidden, commit_candidate, branches_hidden = (jax.jit(f) for f in (
+        model.extend_hidden, model.commit_candidate, model.branches_hidden))
+    candidates_hidden = jax.jit(model.candidates_hidden, static_argnames="return_kv")
+    paths_hidden = jax.jit(model.paths_hidden, static_argnames="siblings")
     rng = np.random.default_rng(8)
     ids = jnp.asarray(rng.integers(0, 9, (2, 5)), jnp.int32)
     mask = jnp.asarray([[False, False, True, True, True], [True] * 5])
 
+    whole = at_width(model.hidden, 16)
+
     def last(tokens, keep):  # whole-sequence hidden state at the last real token
-        h = model.hidden(jnp.asarray(np.asarray(tokens), jnp.int32), jnp.asarray(np.asarray(keep)))
+        h = whole(tokens, keep)
         return np.asarray(h)[np.arange(len(keep)), np.asarray(keep).shape[1] - 1 - np.argmax(np.asarray(keep)[:, ::-1], 1)]
 
-    h, cache = model.extend_hidden(ids, model.init_cache(2, 12), mask)
-    np.testing.assert_allclose(np.asarray(h)[np.asarray(mask)], np.asarray(model.hidden(ids, mask))[np.asarray(mask)],
+    h, cache = extend_hidden(ids, model.init_cache(2, 12), mask)
+    np.testing.assert_allclose(np.asarray(h)[np.asarray(mask)], np.asarray(whole(ids, mask))[np.asarray(mask)],
                                atol=1e-5)
     seq, keep = np.asarray(ids), np.asarray(mask)
     for step, active in enumerate([[True, False], [True, True], [False, True]]):  # row 0 pauses, then row 1
         token = jnp.asarray(rng.integers(0, 9, (2, 1)), jnp.int32)
-        h, cache = model.extend_hidden(token, cache, jnp.asarray(active)[:, None])
+        h, cache = extend_hidden(token, cache, jnp.asarray(active)[:, None])
         seq, keep = np.concatenate([seq, token], 1), np.concatenate([keep, np.array(active)[:, None]], 1)
         rows = np.array(active)
         np.testing.assert_allclose(np.asarray(h)[rows, 0], last(seq, keep)[rows], atol=1e-5, err_msg=f"step {step}")
     candidates = jnp.asarray(rng.integers(0, 9, (2, 4)), jnp.int32)
-    scored, kv = model.candidates_hidden(candidates, cache, return_kv=True)
+    scored, kv = candidates_hidden(candidates, cache, return_kv=True)
     for j in range(4):
         appended = np.concatenate([seq, candidates[:, j:j + 1]], 1), np.concatenate([keep, np.ones((2, 1), bool)], 1)
         np.testing.assert_allclose(np.asarray(scored)[:, j], last(*appended), atol=1e-5)
     # paths: a chain of 2 tokens, extended by 1 more, then 3 siblings after it
     chains = jnp.asarray(rng.integers(0, 9, (2, 4, 3)), jnp.int32)
-    first, path = model.paths_hidden(chains[:, :, :2], cache)
-    second, path = model.paths_hidden(chains[:, :, 2:], cache, path)
+    first, path = paths_hidden(chains[:, :, :2], cache)
+    second, path = paths_hidden(chains[:, :, 2:], cache, path)
     np.testing.assert_array_equal(path[2], chains)
     siblings = jnp.asarray(rng.integers(0, 9, (2, 4, 3)), jnp.int32)
-    after, same = model.paths_hidden(siblings, cache, path, siblings=True)
+    after, same = paths_hidden(siblings, cache, path, siblings=True)
     assert after.shape == (2, 4, 3, 16) and same[2].shape == (2, 4, 3)
     along = np.concatenate([np.asarray(first), np.asarray(second)], 2)
     for j in range(4):
@@ -244,15 +253,15 @@ def test_cached_paths_equal_whole_sequences(n):
             np.testing.assert_allclose(np.asarray(after)[:, j, t], last(*appended), atol=1e-5,
                                        err_msg=f"path {j}, sibling {t}")
     choice = jnp.array([3, 1])
-    committed = model.commit_candidate(cache, kv, choice)
-    _, extended = model.extend_hidden(jnp.take_along_axis(candidates, choice[:, None], 1), cache)
+    committed = commit_candidate(cache, kv, choice)
+    _, extended = extend_hidden(jnp.take_along_axis(candidates, choice[:, None], 1), cache)
     for a, b in zip(jax.tree.leaves(committed), jax.tree.leaves(extended)):
         np.testing.assert_allclose(a, b, atol=1e-5)
     if n:
         np.testing.assert_array_equal(committed.recent[1, -1], candidates[1, 1])
     branch_ids = jnp.asarray(rng.integers(0, 9, (*seq.shape, 2)), jnp.int32)
-    hidden, branches = model.branches_hidden(jnp.asarray(seq), jnp.asarray(keep), branch_ids)
-    np.testing.assert_allclose(np.asarray(hidden)[keep], np.asarray(model.hidden(jnp.asarray(seq), jnp.asarray(keep)))[keep],
+    hidden, branches = branches_hidden(jnp.asarray(seq), jnp.asarray(keep), branch_ids)
+    np.testing.assert_allclose(np.asarray(hidden)[keep], np.asarray(whole(seq, keep))[keep],
                                atol=1e-5)
     for t in range(seq.shape[1]):
         for j in range(2):
