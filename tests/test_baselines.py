@@ -65,8 +65,8 @@ def test_reinforce_loss_and_gradient():
     np.testing.assert_allclose(loss, -np.mean(r * logp), rtol=1e-5)
     # the gradient is Σ advantage · ∇log π: a weighted sum of per-sequence score functions
     graphdef, params = nnx.split(model)
-    grad = jax.grad(lambda p: reinforce.reinforce_loss(nnx.merge(graphdef, p), b, baseline=False)[0])(params)
-    per_seq = jax.jacobian(lambda p: policy.sequence_logprobs(nnx.merge(graphdef, p), b))(params)
+    grad = jax.jit(jax.grad(lambda p: reinforce.reinforce_loss(nnx.merge(graphdef, p), b, baseline=False)[0]))(params)
+    per_seq = jax.jit(jax.jacobian(lambda p: policy.sequence_logprobs(nnx.merge(graphdef, p), b)))(params)
     for g, j in zip(jax.tree.leaves(grad), jax.tree.leaves(per_seq)):
         np.testing.assert_allclose(g, -np.tensordot(r, j, axes=1) / len(r), atol=1e-6)
 

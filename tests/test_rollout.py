@@ -65,7 +65,7 @@ def test_plain_sampling_matches_reference_and_kl_is_zero(ref):
     ids, mask = prompts(1)
     ids, mask = jnp.repeat(ids, n, 0), jnp.ones((n, 5), bool)
     out = generate(ref, ids, mask, key=jax.random.key(1), max_new_tokens=2, top_k=None)
-    probs = np.asarray(jax.nn.softmax(ref(ids[:1])[0, -1]), np.float64)
+    probs = np.asarray(jax.nn.softmax(jax.jit(ref)(ids[:1])[0, -1]), np.float64)
     counts = np.bincount(np.asarray(out.tokens[:, 0]), minlength=V)
     assert chi2_pvalue(counts, probs) > 1e-3
     np.testing.assert_array_equal(out.kl, 0.0)
@@ -82,7 +82,7 @@ def test_qsharp_sampling_matches_guided_logits(ref, others):
     ids, mask = jnp.repeat(ids, n, 0), jnp.ones((n, 5), bool)
     out = generate(ref, ids, mask, key=jax.random.key(2), max_new_tokens=1, value_model=value, guidance="qsharp",
                    eta=eta, top_k=k)
-    ref_logits = ref(ids[:1])[0, -1][None]
+    ref_logits = jax.jit(ref)(ids[:1])[0, -1][None]
     cand = jax.lax.top_k(ref_logits, k)[1]
     offsets = guidance.qsharp_logit_offset(jnp.asarray(value_logits, jnp.float32)[cand], jnp.linspace(0, 1, 11), eta)
     logits = guidance.guided_logits(ref_logits, cand, offsets, others=others)[0]

@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 from conftest import optimized
+from forward import at_width
 
 from experiments.star_graph import harness as exp
 from experiments.star_graph import warmup
@@ -298,7 +299,7 @@ def test_walk_probe_variants_and_q_type_scores():
     tokens = np.random.default_rng(1).integers(0, 9, (3, 6))
     mask = np.ones(tokens.shape, bool)
     scored = walk_probe.success(value, tokens, mask, batch=2)
-    out = np.asarray(value(jnp.asarray(tokens), jnp.asarray(mask)))  # [N, T, V, K]
+    out = np.asarray(jax.jit(value)(jnp.asarray(tokens), jnp.asarray(mask)))  # [N, T, V, K]
     atoms = np.asarray(value.head_cfg.atoms)
     for t in range(1, 6):
         expected = np.asarray(jax.nn.softmax(out[np.arange(3), t - 1, tokens[:, t]])) @ atoms
@@ -324,13 +325,14 @@ def test_lookahead_probe_first_step_against_direct_computation():
     prompts, answers = rng.integers(0, 7, (3, 4)), rng.integers(0, 7, (3, 3))
     eta, k = 0.3, 3
     atoms = np.asarray(value.head_cfg.atoms, np.float64)
+    whole_ref, whole_value = at_width(ref, 12), at_width(value, 12)
 
     def log_mgf(seq):  # log E_p(seq)[exp(Z/η)] of the value after seq
-        p = np.asarray(jax.nn.softmax(value(jnp.asarray([seq]))[0, -1]), np.float64)
+        p = np.asarray(jax.nn.softmax(whole_value(np.asarray([seq]))[0, -1]), np.float64)
         return np.log(np.sum(p * np.exp(atoms / eta)))
 
     def top(seq):
-        logp = np.asarray(jax.nn.log_softmax(ref(jnp.asarray([seq]))[0, -1]), np.float64)
+        logp = np.asarray(jax.nn.log_softmax(whole_ref(np.asarray([seq]))[0, -1]), np.float64)
         ids = np.argsort(-logp)[:k]
         return ids, logp[ids]
 
