@@ -91,6 +91,13 @@ def resolve_tokenizer(name: str, model_path: str | None, field: str, role: str):
     return load_tokenizer(name)
 
 
+def _tokenizer_source(name: str, model_path: str | None, role: str) -> str:
+    """What :func:`resolve_tokenizer` reads for ``name``: a builder's name or a resolved directory
+    (one source needs no comparison with itself, and loading a large tokenizer takes seconds)."""
+    path = model_path if name == role else name
+    return name if path is None or name in ("llama3", "qwen2") else str(Path(path).resolve())
+
+
 def check_same_tokenizer(ref_tokenizer, value_tokenizer) -> None:
     """Refuse a value model whose tokenizer is not π_ref's (its scores would go to other tokens).
 
@@ -163,7 +170,8 @@ class MathTask:
             raise ValueError("task: math needs math.train_file (a JSONL file of problems; see the README's "
                              "'Math reasoning' section)")
         tokenizer = resolve_tokenizer(cfg.tokenizer, reference, "tokenizer", "reference")
-        if cfg.value_tokenizer != "value" or value:
+        if (cfg.value_tokenizer != "value" or value) and (_tokenizer_source(cfg.value_tokenizer, value, "value")
+                                                          != _tokenizer_source(cfg.tokenizer, reference, "reference")):
             check_same_tokenizer(tokenizer, resolve_tokenizer(cfg.value_tokenizer, value, "value_tokenizer", "value"))
         problems = load_source(cfg.train_file, cfg.tfds_data_dir)
         if cfg.eval_file:

@@ -25,15 +25,17 @@ def test_torch_processor_equals_guided_logits(tmp_path):
         head_t.weight.mul_(50.0)
     value_j.head.kernel[...] = value_j.head.kernel[...] * 50.0
     ids = np.random.default_rng(0).integers(1, size.vocab, size=(3, 7))
+    # compiled, as decoding runs them (eagerly, every operation compiles by itself)
+    forward, extend, score = jax.jit(ref_j), jax.jit(value_j.extend), jax.jit(value_j.score_candidates)
     for step in range(2):  # the prompt, then the prompt and one more token (the processor's cache path)
         if step:
             ids = np.concatenate([ids, np.array([[3], [9], [27]])], axis=1)
-        ref_logits = np.asarray(ref_j(jnp.asarray(ids, jnp.int32))[:, -1])
+        ref_logits = np.asarray(forward(jnp.asarray(ids, jnp.int32))[:, -1])
         with torch.no_grad():
             got = processor(torch.from_numpy(ids), torch.from_numpy(ref_logits.copy())).numpy()
         cand = jax.lax.top_k(jnp.asarray(ref_logits), TOP_K)[1]
-        _, cache = value_j.extend(jnp.asarray(ids, jnp.int32), value_j.init_cache(3, 16))
-        offsets = guidance.qsharp_logit_offset(value_j.score_candidates(cand, cache), atoms, ETA)
+        _, cache = extend(jnp.asarray(ids, jnp.int32), value_j.init_cache(3, 16))
+        offsets = guidance.qsharp_logit_offset(score(cand, cache), atoms, ETA)
         want = guidance.guided_logits(jnp.asarray(ref_logits), cand, offsets, others="min")
         assert float(jnp.max(offsets) - jnp.min(offsets)) > 0.5  # guidance reorders, the check is not vacuous
         np.testing.assert_allclose(got, np.asarray(want), rtol=1e-4, atol=1e-4)
