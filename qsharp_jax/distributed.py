@@ -100,24 +100,26 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         raise ValueError(f"process id {pid} is not in [0, {count}): {ENV_ID} counts from 0 to {ENV_COUNT} − 1")
     if count == 1 and cluster is None:
         return _where()
-    if address is not None:
-        _split_address(address)
+    endpoint = None if address is None else _split_address(address)
     if _backends_started():
         raise RuntimeError("qsharp_jax.distributed.initialize() must run before JAX uses a device (first thing in "
                            "the program): this process already started its JAX backends")
     if _platforms_include_cpu():
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    if address is not None and pid not in (None, 0):
+    who, where = f"process {pid} of {count}", address or f"the {cluster} coordinator"
+    if endpoint is not None and pid not in (None, 0):
         # JAX's client aborts the whole process (no exception) when the coordinator never answers
-        _wait_for_coordinator(address, timeout_s, f"process {pid} of {count}")
+        _wait_for_coordinator(endpoint, timeout_s, lambda reason: _join_failed(who, where, timeout_s, reason))
     try:
         jax.distributed.initialize(address, count, pid, initialization_timeout=timeout_s)
     except Exception as e:  # the runtime's own errors say little about which address failed
-        where = address or f"the {cluster} coordinator"
-        raise TimeoutError(f"process {pid} of {count} could not join the job at {where} within {timeout_s:g} s: "
-                           f"{' '.join(str(e).split())[:300]}; check that process 0 runs and that the address "
-                           "is reachable from every host") from e
+        raise _join_failed(who, where, timeout_s, " ".join(str(e).split())[:300]) from e
     return _where()
+
+
+def _join_failed(who: str, where: str, timeout_s: float, reason: str) -> TimeoutError:
+    return TimeoutError(f"{who} could not join the job at {where} within {timeout_s:g} s ({reason}); check that "
+                        "process 0 runs and that the address is reachable from every host")
 
 
 def _split_address(address: str) -> tuple[str, int]:
@@ -127,19 +129,17 @@ def _split_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _wait_for_coordinator(address: str, timeout_s: float, who: str) -> None:
-    """Return once ``address`` (HOST:PORT) accepts a connection; TimeoutError after ``timeout_s``."""
-    host, port = _split_address(address)
+def _wait_for_coordinator(endpoint: tuple[str, int], timeout_s: float, failed) -> None:
+    """Return once ``endpoint`` (host, port) accepts a connection; after ``timeout_s`` raise
+    ``failed(reason)``."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            with socket.create_connection((host, port), timeout=1.0):
+            with socket.create_connection(endpoint, timeout=1.0):
                 return
         except OSError as e:
             if time.monotonic() >= deadline:
-                raise TimeoutError(f"{who} could not join the job at {address} within {timeout_s:g} s (no answer: "
-                                   f"{e}); check that process 0 runs and that the address is reachable from every "
-                                   "host") from None
+                raise failed(f"no answer: {e}") from None
             time.sleep(0.25)
 
 
@@ -195,10 +195,7 @@ def check_shared_directory(directory: str | Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         marker.write_text(token)
     barrier(f"shared-check-written-{token}")
-    seen = np.asarray([marker.exists() and marker.read_text() == token], np.int32)
-    from jax.experimental import multihost_utils
-
-    every = np.asarray(multihost_utils.process_allgather(seen)).ravel()
+    every = _gather(np.asarray([marker.exists() and marker.read_text() == token], np.int32)).ravel()
     barrier(f"shared-check-read-{token}")
     if is_main():
         marker.unlink(missing_ok=True)
@@ -207,6 +204,13 @@ def check_shared_directory(directory: str | Path) -> None:
         raise ValueError(f"the run directory {directory} is not shared: processes {blind} do not see what process 0 "
                          "wrote there; put it on a filesystem every host mounts at the same path (NFS, Filestore, "
                          "Lustre, GCS through gcsfuse)")
+
+
+def _gather(mine: np.ndarray) -> np.ndarray:
+    """Every process's ``mine`` (a small host array of one shape), stacked by process id."""
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(mine))
 
 
 def _broadcast_text(text: str) -> str:
@@ -224,11 +228,8 @@ def check_same_everywhere(what: str, value: Any) -> None:
     a hash). A no-op in a single process."""
     if jax.process_count() == 1:
         return
-    from jax.experimental import multihost_utils
-
     digest = hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).digest()[:8]
-    mine = np.frombuffer(digest, np.uint8).astype(np.int32)
-    every = np.asarray(multihost_utils.process_allgather(mine))
+    every = _gather(np.frombuffer(digest, np.uint8).astype(np.int32))
     differ = [i for i in range(len(every)) if not np.array_equal(every[i], every[0])]
     if differ:
         raise ValueError(f"the processes disagree on {what}: processes {differ} differ from process 0 (hash); "

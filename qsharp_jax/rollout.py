@@ -502,6 +502,7 @@ def generate_chunked(
     shards = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
     size = shards * -(-min(batch, n) // shards)  # rows per call: whole batch shards (padded with copies)
     local = _local_positions(mesh, size)  # on a pod: the chunk positions this host decodes (and scores)
+    rows_of = None if mesh is None else {ndim: sharding_lib.batch_sharding(mesh, ndim) for ndim in (1, 2)}
     starts = range(0, n, batch)
     outs: list[Rollout] = []
     scores: list[concurrent.futures.Future] = []
@@ -525,11 +526,9 @@ def generate_chunked(
             chunk = {k: (np.asarray(v)[rows] if k == "switch_time" and v is not None else v) for k, v in kwargs.items()}
             ids, mask, row_ids = prompt_ids[rows], prompt_mask[rows], rows.astype(np.int32)
             if mesh is not None:  # each device (on a pod: each host) holds only its rows
-                ids, mask, row_ids = (sharding_lib.put(x, sharding_lib.batch_sharding(mesh, x.ndim))
-                                      for x in (ids, mask, row_ids))
+                ids, mask, row_ids = (sharding_lib.put(x, rows_of[x.ndim]) for x in (ids, mask, row_ids))
                 if chunk.get("switch_time") is not None:
-                    chunk["switch_time"] = sharding_lib.put(chunk["switch_time"].astype(np.int32),
-                                                            sharding_lib.batch_sharding(mesh, 1))
+                    chunk["switch_time"] = sharding_lib.put(chunk["switch_time"].astype(np.int32), rows_of[1])
             out = generate(ref_model, ids, mask, key=key, row_ids=row_ids, **chunk)
             if pending is not None:
                 finish(*pending, pool)
