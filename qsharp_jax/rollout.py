@@ -452,12 +452,12 @@ def _mesh_of(model: nnx.Module):
     return None
 
 
-def _local_positions(mesh, size: int) -> np.ndarray | None:
-    """Positions of a ``size``-row chunk that this process's devices hold on ``mesh`` (None in a
-    single process: all of them)."""
-    if mesh is None or jax.process_count() == 1:
+def _local_positions(rows: jax.sharding.NamedSharding | None, size: int) -> np.ndarray | None:
+    """Positions of a ``size``-row chunk that this process's devices hold under the row sharding
+    ``rows`` (None in a single process: all of them)."""
+    if rows is None or jax.process_count() == 1:
         return None
-    held = sharding_lib.batch_sharding(mesh, 1).addressable_devices_indices_map((size,))
+    held = rows.addressable_devices_indices_map((size,))
     return np.asarray(sorted({i for index in held.values() for i in range(*index[0].indices(size))}), np.int64)
 
 
@@ -501,8 +501,8 @@ def generate_chunked(
     mesh = _mesh_of(ref_model)
     shards = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
     size = shards * -(-min(batch, n) // shards)  # rows per call: whole batch shards (padded with copies)
-    local = _local_positions(mesh, size)  # on a pod: the chunk positions this host decodes (and scores)
-    rows_of = None if mesh is None else {ndim: sharding_lib.batch_sharding(mesh, ndim) for ndim in (1, 2)}
+    rows_of = {} if mesh is None else {ndim: sharding_lib.batch_sharding(mesh, ndim) for ndim in (1, 2)}
+    local = _local_positions(rows_of.get(1), size)  # on a pod: the chunk positions this host decodes (and scores)
     starts = range(0, n, batch)
     outs: list[Rollout] = []
     scores: list[concurrent.futures.Future] = []

@@ -72,30 +72,32 @@ class MathTaskConfig:
                              f"max_eval_problems={self.max_eval_problems}, timeout={self.timeout}")
 
 
-def resolve_tokenizer(name: str, model_path: str | None, field: str, role: str):
-    """The tokenizer a :class:`MathTaskConfig` field names (``reference``/``value``: saved with the
-    model at ``model_path``; ``llama3``/``qwen2``: built offline; else a local directory)."""
-    from qsharp_jax.models import tokenizers
-    from qsharp_jax.models.hf import load_tokenizer
+BUILT_TOKENIZERS = ("llama3", "qwen2")  # built offline by qsharp_jax.models.tokenizers
 
+
+def tokenizer_source(name: str, model_path: str | None, field: str, role: str) -> str:
+    """Where the tokenizer a :class:`MathTaskConfig` field names comes from: one of
+    :data:`BUILT_TOKENIZERS`, or a directory (``reference``/``value``: the one saved with the model
+    at ``model_path``; else ``name`` itself), resolved so that one directory has one source."""
     if name == role:
         if not model_path:
             raise ValueError(f"math.{field}={name!r} reads the tokenizer saved with {role}.hf_path, which is not set; "
                              f"set math.{field} to llama3, qwen2 or a local tokenizer directory")
-        return load_tokenizer(model_path)
-    builders = {"llama3": tokenizers.llama3_tokenizer, "qwen2": tokenizers.qwen2_tokenizer}
-    if name in builders:
-        return builders[name]()
+        return str(Path(model_path).resolve())
+    if name in BUILT_TOKENIZERS:
+        return name
     if not Path(name).is_dir():
         raise ValueError(f"math.{field}={name!r} is neither {role}, llama3, qwen2 nor a tokenizer directory")
-    return load_tokenizer(name)
+    return str(Path(name).resolve())
 
 
-def _tokenizer_source(name: str, model_path: str | None, role: str) -> str:
-    """What :func:`resolve_tokenizer` reads for ``name``: a builder's name or a resolved directory
-    (one source needs no comparison with itself, and loading a large tokenizer takes seconds)."""
-    path = model_path if name == role else name
-    return name if path is None or name in ("llama3", "qwen2") else str(Path(path).resolve())
+def load_tokenizer_from(source: str):
+    """The tokenizer of a :func:`tokenizer_source` (seconds for a large vocabulary: load each source once)."""
+    from qsharp_jax.models import tokenizers
+    from qsharp_jax.models.hf import load_tokenizer
+
+    builders = dict(zip(BUILT_TOKENIZERS, (tokenizers.llama3_tokenizer, tokenizers.qwen2_tokenizer)))
+    return builders[source]() if source in builders else load_tokenizer(source)
 
 
 def check_same_tokenizer(ref_tokenizer, value_tokenizer) -> None:
@@ -169,10 +171,12 @@ class MathTask:
         if not cfg.train_file:
             raise ValueError("task: math needs math.train_file (a JSONL file of problems; see the README's "
                              "'Math reasoning' section)")
-        tokenizer = resolve_tokenizer(cfg.tokenizer, reference, "tokenizer", "reference")
-        if (cfg.value_tokenizer != "value" or value) and (_tokenizer_source(cfg.value_tokenizer, value, "value")
-                                                          != _tokenizer_source(cfg.tokenizer, reference, "reference")):
-            check_same_tokenizer(tokenizer, resolve_tokenizer(cfg.value_tokenizer, value, "value_tokenizer", "value"))
+        source = tokenizer_source(cfg.tokenizer, reference, "tokenizer", "reference")
+        tokenizer = load_tokenizer_from(source)
+        if cfg.value_tokenizer != "value" or value:
+            value_source = tokenizer_source(cfg.value_tokenizer, value, "value_tokenizer", "value")
+            if value_source != source:  # one source needs no comparison with itself
+                check_same_tokenizer(tokenizer, load_tokenizer_from(value_source))
         problems = load_source(cfg.train_file, cfg.tfds_data_dir)
         if cfg.eval_file:
             train, evaluation = problems, load_source(cfg.eval_file, cfg.tfds_data_dir)
