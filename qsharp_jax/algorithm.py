@@ -241,16 +241,15 @@ def _run(cfg: AlgorithmConfig, task: Task, ref: Transformer, value: ValueModel, 
                                    defaults=config_lib.as_json(AlgorithmConfig()))
     state, history = (restored[0], restored[1]["history"]) if restored else (fresh, [])
     start = len(history)
-    main = distributed.is_main()  # on a pod, process 0 writes what is written once; every process computes
-    for iteration in tqdm(range(start, cfg.iterations), desc="Q♯ iterations", disable=not progress or not main,
+    # on a pod every process computes and process 0 writes what is written once (distributed.on_main)
+    for iteration in tqdm(range(start, cfg.iterations), desc="Q♯ iterations",
+                          disable=not progress or not distributed.is_main(),
                           initial=start, total=cfg.iterations):
         failpoints.reach(f"iteration/{iteration}/start")
         distributed.barrier(f"iteration/{iteration}/start")  # every process reads the same store
         if iteration not in store.iterations():
             records = _collect(cfg, task, ref, state, iteration)
-            if main:
-                store.append(iteration, records)
-            distributed.barrier(f"collect/{iteration}/stored")
+            distributed.on_main(f"collect/{iteration}/stored", lambda: store.append(iteration, records))
         if not cfg.warm_start:  # a copy: the train epoch donates (consumes) its input state
             state = jax.tree.map(jnp.copy, fresh)
         state, fitted = _fit(cfg, state, train_epoch, store.load(), iteration, progress, extra)
@@ -258,20 +257,24 @@ def _run(cfg: AlgorithmConfig, task: Task, ref: Transformer, value: ValueModel, 
                            **evaluate(cfg, task, ref, state, iteration),
                            **(diagnostics(state.model(), iteration) if diagnostics else {})})
         history.append(metrics)
-        if main:
-            from tensorboardX import SummaryWriter  # here: it imports PyTorch where installed (3 s)
-
-            with SummaryWriter(str(run_dir / "tensorboard")) as writer:
-                for name, value_ in metrics.items():
-                    if name != "iteration" and value_ is not None:  # None: a skipped fit
-                        writer.add_scalar(name, value_, iteration)
+        distributed.on_main(f"tensorboard/{iteration}", lambda: _write_scalars(run_dir, metrics))
         checkpoints.save(iteration, state, {"iteration": iteration, "config": config, "history": history})
-        if main:
-            _write_metrics(run_dir, history, failpoint=f"metrics/{iteration}")
-    if start == cfg.iterations and main:  # nothing left to do, but a kill may have come between checkpoint
-        _write_metrics(run_dir, history)  # and metrics
+        distributed.on_main(f"metrics/{iteration}",
+                            lambda: _write_metrics(run_dir, history, failpoint=f"metrics/{iteration}"))
+    if start == cfg.iterations:  # nothing left to do, but a kill may have come between checkpoint and metrics
+        distributed.on_main("run/metrics", lambda: _write_metrics(run_dir, history))
     distributed.barrier("run/end")
     return history
+
+
+def _write_scalars(run_dir: Path, metrics: dict[str, Any]) -> None:
+    """One iteration's metrics as TensorBoard scalars in ``run_dir/tensorboard``."""
+    from tensorboardX import SummaryWriter  # here: it imports PyTorch where installed (3 s)
+
+    with SummaryWriter(str(run_dir / "tensorboard")) as writer:
+        for name, value in metrics.items():
+            if name != "iteration" and value is not None:  # None: a skipped fit
+                writer.add_scalar(name, value, metrics["iteration"])
 
 
 def _write_metrics(run_dir: Path, history: list[dict[str, Any]], failpoint: str | None = None) -> None:

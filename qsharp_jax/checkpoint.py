@@ -73,11 +73,13 @@ class Checkpoints:
             raise RuntimeError(f"orbax declined to save step {iteration} in {self.directory} (steps there: "
                                f"{self.steps()})")
         step_dir = self.directory / str(iteration)
-        if distributed.is_main():  # on a pod every process saves its shards; one writes the checksums
+
+        def write_checksums():  # on a pod every process saves its shards; one writes the checksums
             sums = {str(p.relative_to(step_dir)): sha256(p) for p in _files(step_dir)}
             atomic_write(step_dir / CHECKSUMS, lambda f: f.write(json.dumps(sums, indent=1).encode()),
                          failpoint=f"checkpoint/{iteration}/checksums")
-        distributed.barrier(f"checkpoint/{iteration}/checksums")
+
+        distributed.on_main(f"checkpoint/{iteration}/checksums", write_checksums)
 
     def verify(self, step: int) -> str | None:
         """None if every file of checkpoint ``step`` matches its checksum, else what is wrong."""
@@ -139,9 +141,11 @@ class Checkpoints:
 
     def _quarantine(self, step: int) -> Path:
         target = self.directory.parent / f"{self.directory.name}-corrupt" / aside_name(str(step))
-        if distributed.is_main():
+
+        def move():
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(self.directory / str(step), target)
-        distributed.barrier(f"checkpoint/{step}/quarantined")
+
+        distributed.on_main(f"checkpoint/{step}/quarantined", move)
         self._manager.reload()
         return target

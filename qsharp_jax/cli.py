@@ -73,6 +73,25 @@ def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--init-timeout", type=int, default=300, help="seconds to wait for the other processes")
 
 
+def _mesh_argument(text: str) -> tuple[int, int, int]:
+    try:
+        mesh = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        mesh = ()
+    if len(mesh) != 3:
+        raise argparse.ArgumentTypeError(f"{text!r} is not DATA,FSDP,TENSOR (three integers, -1 for the rest), "
+                                         "e.g. 2,4,1 or -1,1,1")
+    return mesh
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """A trained run to read (``qsharp eval``/``sample``), on one host or every host of a pod."""
+    parser.add_argument("run_dir")
+    parser.add_argument("--mesh", type=_mesh_argument, help="DATA,FSDP,TENSOR devices to lay the models out on, "
+                        "whatever the run trained on (default: one device; on a pod every device as data)")
+    add_distributed_arguments(parser)
+
+
 def _start_processes(args: argparse.Namespace) -> None:
     from qsharp_jax import distributed
 
@@ -99,17 +118,22 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from qsharp_jax import runs
+    from qsharp_jax import distributed, runs
 
-    metrics = runs.evaluate_run(args.run_dir)
-    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+    _start_processes(args)
+    metrics = runs.evaluate_run(args.run_dir, mesh=args.mesh)
+    if distributed.is_main():  # every process computes; process 0 reports
+        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
     return 0
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from qsharp_jax import runs
+    from qsharp_jax import distributed, runs
 
-    prompts, tokens, rewards = runs.sample_run(args.run_dir, args.num, args.seed)
+    _start_processes(args)
+    prompts, tokens, rewards = runs.sample_run(args.run_dir, args.num, args.seed, mesh=args.mesh)
+    if not distributed.is_main():  # every process samples; process 0 prints
+        return 0
     for p, t, r in zip(prompts, tokens, rewards):
         print(f"prompt {p.tolist()} -> {t.tolist()}  reward {float(r):g}")
     return 0
@@ -118,10 +142,13 @@ def _sample(args: argparse.Namespace) -> int:
 def _eval_math(args: argparse.Namespace) -> int:
     import json
 
-    from qsharp_jax import eval_math
+    from qsharp_jax import distributed, eval_math
 
+    _start_processes(args)
     cfg = config.load(eval_math.EvalMathConfig, None, [f"run={json.dumps(args.run)}", *args.overrides])
     results = eval_math.evaluate_math(cfg)
+    if not distributed.is_main():  # every process samples; process 0 writes and reports
+        return 0
     out = cfg.out or str(Path(results["run"]) / "eval")
     print(eval_math.markdown(results), end="")
     print(f"written: {out}/eval.json, eval.md, samples.jsonl{', kl_sweep.png' if results['sweep'] else ''}")
@@ -174,17 +201,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_distributed_arguments(train)
     train.set_defaults(func=_train)
     ev = sub.add_parser("eval", help="evaluate a run's newest checkpoint (guided and π_ref)")
-    ev.add_argument("run_dir")
+    add_run_arguments(ev)
     ev.set_defaults(func=_eval)
     sample = sub.add_parser("sample", help="print guided samples from a run's newest checkpoint")
-    sample.add_argument("run_dir")
+    add_run_arguments(sample)
     sample.add_argument("--num", type=int, default=8, help="how many evaluation prompts to sample (>= 1)")
     sample.add_argument("--seed", type=int, default=0)
     sample.set_defaults(func=_sample)
     em = sub.add_parser("eval-math", help="Table 1 of a math run: π_ref, CD and Q♯ sampled and scored on problems")
     em.add_argument("run", help="a run directory of `qsharp train` (task: math), or its config YAML")
     em.add_argument("overrides", nargs="*", help="EvalMathConfig key=value, e.g. test_file=data/math500.jsonl "
-                                                 "samples=8 sweep=[0.05,0.1,0.2]")
+                                                 "samples=8 sweep=[0.05,0.1,0.2] mesh=[-1,1,4]")
+    add_distributed_arguments(em)
     em.set_defaults(func=_eval_math)
     pl = sub.add_parser("plan", help="dry run at full size without weights: lower and compile the rollout and the "
                                      "train step, print memory per device")

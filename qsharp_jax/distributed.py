@@ -20,10 +20,11 @@ import dataclasses
 import hashlib
 import json
 import os
+import pickle
 import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -180,6 +181,40 @@ def barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def on_main(name: str, write: Callable[[], Any]) -> None:
+    """Run ``write`` on process 0 only (what one process writes for all: a file, a move), then
+    wait for every process at the point ``name``. An error of ``write`` is raised on every process
+    (the same exception), so the others stop with it instead of waiting at the next collective until
+    JAX's heartbeat times out. ``write()`` in a single process."""
+    if jax.process_count() == 1:
+        write()
+        return
+    error = None
+    if is_main():
+        try:
+            write()
+        except Exception as e:  # noqa: BLE001 -- re-raised below, on every process
+            error = e
+    every = gather_objects((name, _portable(error)))
+    if any(point != name for point, _ in every):
+        raise RuntimeError(f"the processes reached different points ({sorted({p for p, _ in every})}): a bug")
+    if error is not None:
+        raise error
+    if every[0][1] is not None:
+        raise every[0][1]
+
+
+def _portable(error: Exception | None) -> Exception | None:
+    """``error`` as the other processes can raise it (a RuntimeError with its text if it does not pickle)."""
+    if error is None:
+        return None
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:  # noqa: BLE001 -- any pickling failure: send the text
+        return RuntimeError(f"process 0: {type(error).__name__}: {error}")
+
+
 def check_shared_directory(directory: str | Path) -> None:
     """Fail on every process unless ``directory`` is one directory that all processes see (a run
     directory on a pod must be on a shared filesystem: process 0 writes what the others read).
@@ -211,6 +246,20 @@ def _gather(mine: np.ndarray) -> np.ndarray:
     from jax.experimental import multihost_utils
 
     return np.asarray(multihost_utils.process_allgather(mine))
+
+
+def gather_objects(value: Any) -> list[Any]:
+    """Every process's ``value`` (any picklable object: e.g. the answers a host extracted from the
+    completions it decoded), listed by process id. A collective: every process must call it, in the
+    same order. ``[value]`` in a single process."""
+    if jax.process_count() == 1:
+        return [value]
+    raw = pickle.dumps(value)
+    sizes = _gather(np.asarray([len(raw)], np.int32)).ravel()
+    padded = np.zeros(-(-int(sizes.max()) // 4), np.int32)  # bytes travel as int32 words (the collectives' type)
+    padded.view(np.uint8)[: len(raw)] = np.frombuffer(raw, np.uint8)
+    every = _gather(padded)
+    return [pickle.loads(every[i].view(np.uint8)[: sizes[i]].tobytes()) for i in range(len(sizes))]
 
 
 def _broadcast_text(text: str) -> str:

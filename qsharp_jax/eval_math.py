@@ -27,8 +27,9 @@ from typing import Any, Literal
 import jax
 import numpy as np
 
-from qsharp_jax import algorithm, rollout, runs
+from qsharp_jax import algorithm, distributed, rollout, runs
 from qsharp_jax import config as config_lib
+from qsharp_jax import sharding as sharding_lib
 from qsharp_jax.storage import atomic_write
 from qsharp_jax.tasks.math_data import Problem, encode_prompts, load_source
 from qsharp_jax.tasks.math_eval import Samples, breakdown, per_problem, summarize, table
@@ -59,6 +60,9 @@ class EvalMathConfig:
       seed: of the sampling keys and of maj@k's tie-breaks.
       resamples: bootstrap resamples of the confidence intervals.
       out: output directory ("": ``<run_dir>/eval``).
+      mesh: (data, fsdp, tensor) devices to lay π_ref and the value model out on, whatever the run
+        trained on (None: one device; on a pod, started as ``qsharp train`` is, every device as
+        ``data``: each host decodes and checks its rows, process 0 writes).
     """
 
     run: str = ""
@@ -76,6 +80,7 @@ class EvalMathConfig:
     seed: int = 0
     resamples: int = 2000
     out: str = ""
+    mesh: tuple[int, int, int] | None = None
 
     def __post_init__(self):
         if not self.run:
@@ -120,10 +125,13 @@ def _load(cfg: EvalMathConfig):
         raise ValueError(f"{cfg.run} is a run of task {run_cfg.task!r}; eval-math evaluates task: math runs "
                          "(use `qsharp eval` for other tasks)")
     task, ref, value = runs.build(run_cfg)
+    devices = runs.resolve_mesh(cfg.mesh)
+    if devices is not None:
+        ref = sharding_lib.place(ref, devices)
     state = None
     if any(m != "pretrained" for m in cfg.methods):
         try:
-            state, _ = algorithm.latest_state(run_cfg.algorithm, value, run_dir)
+            state, _ = algorithm.latest_state(run_cfg.algorithm, value, run_dir, mesh=devices)
         except FileNotFoundError:
             raise ValueError(f"{run_dir} has no checkpoint yet: train first (qsharp train), or ask only for "
                              "methods=[pretrained]") from None
@@ -210,8 +218,9 @@ def evaluate_methods(task: MathTask, ref, value_model, problems: list[Problem], 
         before = task.timeouts
         all_samples[method], policy_kl = sample_method(task, ref, value_model, method, eta, ids, mask, golds, sampling,
                                                        lookahead=lookahead, progress=progress)
+        timeouts = sum(distributed.gather_objects(task.timeouts - before))  # each host checked its own rows
         results["methods"][method] = report(all_samples[method], policy_kl, problems, seed=sampling.seed,
-                                            resamples=resamples, timeouts=task.timeouts - before)
+                                            resamples=resamples, timeouts=timeouts)
     sweep_sampling = sweep_sampling or sampling
     for sweep_eta in sweep:
         for method in (m for m in methods if m != "pretrained"):
@@ -227,11 +236,13 @@ def evaluate_methods(task: MathTask, ref, value_model, problems: list[Problem], 
 
 def evaluate_math(cfg: EvalMathConfig, *, progress: bool = True) -> dict[str, Any]:
     """Sample and score every method (and the η sweep); write ``eval.json``, ``eval.md``,
-    ``samples.jsonl`` (and ``kl_sweep.png``) to ``cfg.out``; returns what ``eval.json`` holds."""
+    ``samples.jsonl`` (and ``kl_sweep.png``) to ``cfg.out``; returns what ``eval.json`` holds.
+    On a pod every process calls it (the same ``cfg``); process 0 writes."""
+    distributed.check_same_everywhere("the eval-math config", config_lib.as_json(cfg))
     run_cfg, run_dir, task, ref, state = _load(cfg)
     try:
         out_dir = Path(cfg.out) if cfg.out else run_dir / "eval"
-        out_dir.mkdir(parents=True, exist_ok=True)
+        distributed.on_main("eval-math/out", lambda: out_dir.mkdir(parents=True, exist_ok=True))
         ids, mask, problems = _problems(cfg, run_cfg, task)
         algo = run_cfg.algorithm
         eta = cfg.eta or algo.eta
@@ -247,9 +258,9 @@ def evaluate_math(cfg: EvalMathConfig, *, progress: bool = True) -> dict[str, An
             "max_new_tokens": sampling.settings["max_new_tokens"]}
         evaluated, all_samples = evaluate_methods(
             task, ref, None if state is None else state.model(), problems, ids, mask, sampling, methods=cfg.methods,
-            eta=eta, sweep=cfg.sweep, resamples=cfg.resamples, lookahead=lookahead, progress=progress)
+            eta=eta, sweep=cfg.sweep, resamples=cfg.resamples, lookahead=lookahead, progress=progress and distributed.is_main())
         results.update(evaluated)
-        write(out_dir, results, all_samples, problems)
+        distributed.on_main("eval-math/written", lambda: write(out_dir, results, all_samples, problems))
         return results
     finally:
         runs.close_task(task)

@@ -35,7 +35,7 @@ import numpy as np
 from flax import nnx, struct
 from tqdm import tqdm
 
-from qsharp_jax import _validate, failpoints
+from qsharp_jax import _validate, distributed, failpoints
 from qsharp_jax import sharding as sharding_lib
 from qsharp_jax import guidance as guidance_lib
 from qsharp_jax.models.transformer import Transformer
@@ -461,20 +461,16 @@ def _local_positions(rows: jax.sharding.NamedSharding | None, size: int) -> np.n
     return np.asarray(sorted({i for index in held.values() for i in range(*index[0].indices(size))}), np.int64)
 
 
-def _gather_rows(values: Any, mine: np.ndarray, count: int, width: int) -> np.ndarray:
-    """Every process's scores of its own rows (``values`` at positions ``mine``), assembled into
-    the chunk's ``count`` scores on every process (an all-gather of scalars, not of completions)."""
-    from jax.experimental import multihost_utils
-
-    values = np.asarray(values, np.float64)
-    positions = np.full(width, -1, np.int64)
-    padded = np.zeros(width, np.float64)
-    positions[: len(mine)], padded[: len(mine)] = mine, values
-    every_position, every_value = (np.asarray(x).reshape(-1) for x in
-                                   multihost_utils.process_allgather((positions, padded)))
-    out = np.full(count, np.nan)
-    real = every_position >= 0
-    out[every_position[real]] = every_value[real]
+def _gather_rows(values: Any, mine: np.ndarray, count: int) -> np.ndarray:
+    """Every process's scores of its own rows (``values``, a ``[len(mine)]`` array of numbers or
+    objects, at chunk positions ``mine``), assembled into the chunk's ``count`` scores on every
+    process: what is gathered is the scores (floats, answers), not the completions."""
+    values = np.asarray(values)
+    out, filled = np.empty(count, values.dtype), np.zeros(count, bool)
+    for positions, theirs in distributed.gather_objects((mine, values)):
+        out[positions], filled[positions] = theirs, True
+    if not filled.all():  # every row is on some device, so some host scored it: a bug if not
+        raise RuntimeError(f"rows {np.flatnonzero(~filled)[:8].tolist()} of a chunk were scored by no process")
     return out
 
 
@@ -535,7 +531,7 @@ def generate_chunked(
             pending = (start, rows[: min(batch, n - start)], out)
         if pending is not None:
             finish(*pending, pool)
-        scored = [np.asarray(f.result()) if local is None else _gather_rows(f.result(), mine, count, len(local))
+        scored = [np.asarray(f.result()) if local is None else _gather_rows(f.result(), mine, count)
                   for count, mine, f in scores]
     out = jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
     if not out.finite.all():

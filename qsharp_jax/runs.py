@@ -98,14 +98,12 @@ def start_or_resume(cfg: RunConfig, *, progress: bool = True) -> list[dict[str, 
     task, ref, value = build(cfg)
     mesh = run_mesh(cfg)
     distributed.check_same_everywhere("the config", config)
-    if distributed.is_main():
-        _make_writable(run_dir)
+    distributed.on_main("run/writable", lambda: _make_writable(run_dir))
     distributed.check_shared_directory(run_dir)
     with contextlib.ExitStack() as stack:
         stack.callback(close_task, task)
-        main = distributed.is_main()
-        if main:  # on a pod process 0 holds the lock and writes what is written once
-            stack.enter_context(RunLock(run_dir))
+        # on a pod process 0 holds the lock and writes what is written once
+        distributed.on_main("run/locked", lambda: stack.enter_context(RunLock(run_dir)))
         saved_file = run_dir / "config.json"
         if saved_file.exists():
             saved = _read_json(saved_file)
@@ -114,19 +112,22 @@ def start_or_resume(cfg: RunConfig, *, progress: bool = True) -> list[dict[str, 
                 if _completed_iterations(run_dir):
                     config_lib.check_same(saved, config, str(run_dir), RESUMABLE_FIELDS, defaults)
                 distributed.barrier("run/config-read")  # every process has read it before it moves
-                if main:
-                    _abandon(run_dir)
-        if main:
-            atomic_write(saved_file, lambda f: f.write(json.dumps(config, indent=1).encode()))
-        distributed.barrier("run/config-written")
+                distributed.on_main("run/abandoned", lambda: _abandon(run_dir))
+        distributed.on_main("run/config-written", lambda: atomic_write(
+            saved_file, lambda f: f.write(json.dumps(config, indent=1).encode())))
         return algorithm.run(cfg.algorithm, task, ref, value, run_dir, progress=progress, mesh=mesh, lock=False)
 
 
 def run_mesh(cfg: RunConfig):
-    """The run's mesh: ``cfg.mesh``; unset, one device for a single process and every device of
-    the job, as ``data`` shards, for several processes (a pod)."""
-    if cfg.mesh is not None:
-        return sharding_lib.make_mesh(*cfg.mesh)
+    """The run's mesh: :func:`resolve_mesh` of ``cfg.mesh``."""
+    return resolve_mesh(cfg.mesh)
+
+
+def resolve_mesh(mesh: tuple[int, int, int] | None):
+    """The devices of ``mesh`` (data, fsdp, tensor); None: one device for a single process and
+    every device of the job, as ``data`` shards, for several processes (a pod)."""
+    if mesh is not None:
+        return sharding_lib.make_mesh(*mesh)
     return sharding_lib.make_mesh(-1, 1, 1) if jax.process_count() > 1 else None
 
 
@@ -176,44 +177,47 @@ def load_run(run_dir: str | Path, *, mesh: tuple[int, int, int] | None = None
              ) -> tuple[RunConfig, Task, Transformer, TrainState, int]:
     """A trained run: its config, task, π_ref, and the newest checkpoint's train state and iteration.
     ``mesh`` (data, fsdp, tensor): lay π_ref and the state out on these devices, whatever mesh the
-    run was trained on (default: one device)."""
+    run was trained on (default: :func:`resolve_mesh`'s, one device in a single process)."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").exists():
         raise FileNotFoundError(f"{run_dir}/config.json not found: is {run_dir} a run directory of `qsharp train`?")
     cfg = config_lib.load(RunConfig, run_dir / "config.json")
     task, ref, value = build(cfg)
-    devices = None if mesh is None else sharding_lib.make_mesh(*mesh)
+    devices = resolve_mesh(mesh)
     state, meta = algorithm.latest_state(cfg.algorithm, value, run_dir, mesh=devices)
     if devices is not None:
         ref = sharding_lib.place(ref, devices)
     return cfg, task, ref, state, meta["iteration"]
 
 
-def evaluate_run(run_dir: str | Path) -> dict[str, float]:
-    """Evaluate the newest checkpoint of a run (guided policy and π_ref: reward and KL)."""
-    cfg, task, ref, state, iteration = load_run(run_dir)
+def evaluate_run(run_dir: str | Path, *, mesh: tuple[int, int, int] | None = None) -> dict[str, float]:
+    """Evaluate the newest checkpoint of a run (guided policy and π_ref: reward and KL), on the
+    devices of ``mesh`` (as :func:`load_run`; on a pod every process calls it)."""
+    cfg, task, ref, state, iteration = load_run(run_dir, mesh=mesh)
     try:
         return {"iteration": iteration, **algorithm.evaluate(cfg.algorithm, task, ref, state, iteration)}
     finally:
         close_task(task)
 
 
-def sample_run(run_dir: str | Path, num: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``num`` guided completions of the run's evaluation prompts: (prompts, tokens, rewards)."""
+def sample_run(run_dir: str | Path, num: int = 8, seed: int = 0, *, mesh: tuple[int, int, int] | None = None
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``num`` guided completions of the run's evaluation prompts: (prompts, tokens, rewards), on
+    the devices of ``mesh`` (as :func:`load_run`)."""
     if num < 1:
         raise ValueError(f"num must be >= 1 (how many evaluation prompts to sample), got {num}")
-    cfg, task, ref, state, _ = load_run(run_dir)
+    cfg, task, ref, state, _ = load_run(run_dir, mesh=mesh)
     try:
         prompts, mask = task.eval_prompts()
         if num > len(prompts):
             raise ValueError(f"num={num} exceeds the task's {len(prompts)} evaluation prompts; ask for at most "
                              f"{len(prompts)}")
         prompts, mask = prompts[:num], mask[:num]
-        out = rollout.generate(ref, prompts, mask, key=jax.random.key(seed),
-                               **algorithm.sampling_settings(cfg.algorithm, task),
-                               **algorithm.guidance_args(cfg.algorithm, state))
-        tokens = np.asarray(out.tokens)
-        return prompts, tokens, task.reward(prompts, tokens, np.asarray(out.mask))
+        out, rewards = rollout.generate_chunked(
+            ref, prompts, mask, key=jax.random.key(seed), batch=cfg.algorithm.rollout_batch, name="sample",
+            score=lambda rows, part: task.reward(prompts[rows], part.tokens, part.mask),
+            **algorithm.sampling_settings(cfg.algorithm, task), **algorithm.guidance_args(cfg.algorithm, state))
+        return prompts, out.tokens, rewards
     finally:
         close_task(task)
 

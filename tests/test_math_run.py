@@ -1,14 +1,15 @@
 """The math pipeline end to end on a 4-problem fixture: `qsharp train` (task: math) with a tiny random
 Llama (Llama 3's real tokenizer) and a tiny random Qwen2 checkpoint (Qwen's real tokenizer saved with
 it), then `qsharp eval-math`. The models are random, so what is checked is the plumbing: every
-number of eval.json follows from the samples it wrote (recomputed here), π_ref's KL is 0, and the
-Markdown table carries the same numbers."""
+number of eval.json follows from the samples it wrote (recomputed here), π_ref's KL is 0, the
+Markdown table carries the same numbers, and eval-math over two processes writes what one writes."""
 
 import json
 
 import numpy as np
 import pytest
 
+from processes import launch, numbers, printed
 from qsharp_jax import cli
 from qsharp_jax.tasks.math import answers_match
 
@@ -68,13 +69,23 @@ def test_llama3_tokenizer_fresh_models_train_and_eval_math(tmp_path, data, capsy
     assert cli.main(["train", *common(data, run_dir), *models]) == 0
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 1
     capsys.readouterr()
-    assert cli.main(["eval-math", str(run_dir), "samples=3", "sweep=[0.05]"]) == 0
-    printed = capsys.readouterr().out
-    assert "| π_ref |" in printed and "| Q♯ |" in printed and "| CD |" in printed
+    evaluation = ["samples=3", "sweep=[0.05]", "mesh=[8,1,1]"]  # π_ref and the value model on 8 devices
+    assert cli.main(["eval-math", str(run_dir), *evaluation]) == 0
+    shown = capsys.readouterr().out
+    assert "| π_ref |" in shown and "| Q♯ |" in shown and "| CD |" in shown
     results = check_eval(run_dir / "eval", ("pretrained", "cd", "qsharp"), 3)
     assert results["methods"]["qsharp"]["kl"] > 0 and results["top_p"] == 0.9
     assert results["lookahead"] == 0  # the run's algorithm.lookahead
     assert {s["method"] for s in results["sweep"]} == {"cd", "qsharp"} and (run_dir / "eval" / "kl_sweep.png").exists()
+    # over two processes (4 devices each, the same 8-device mesh): each decodes and checks its rows, process 0
+    # writes the same evaluation
+    two = run_dir / "eval-two"
+    for i, (rc, out, err) in enumerate(launch(lambda i: ["eval-math", str(run_dir), *evaluation, f"out={two}"])):
+        assert rc == 0, err[-3000:]
+        assert ("| Q♯ |" in printed(out)) == (i == 0)
+    assert (two / "samples.jsonl").read_text() == (run_dir / "eval" / "samples.jsonl").read_text()
+    assert numbers((two / "eval.json").read_text()) == pytest.approx(numbers((run_dir / "eval" / "eval.json").read_text()),
+                                                                      rel=1e-4, abs=1e-5)
 
 
 def test_qwen2_checkpoint_with_its_saved_tokenizer(tmp_path, data, capsys, monkeypatch):
