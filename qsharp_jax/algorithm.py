@@ -38,7 +38,7 @@ from qsharp_jax.lock import RunLock
 from qsharp_jax.models.transformer import Transformer
 from qsharp_jax.models.value import ValueModel, check_compatible
 from qsharp_jax.storage import RolloutStore, atomic_write
-from qsharp_jax.tasks import Task
+from qsharp_jax.tasks import Task, prompt_rows
 from qsharp_jax.train import OptimizerConfig, TrainState, fit, init_state, make_optimizer, make_train_epoch, state_shardings
 
 __all__ = ["AlgorithmConfig", "Task", "check_setup", "evaluate", "guidance_args", "latest_state", "run", "sampling_settings"]
@@ -313,21 +313,31 @@ def guidance_args(cfg: AlgorithmConfig, state: TrainState) -> dict[str, Any]:
 
 def _collect(cfg: AlgorithmConfig, task: Task, ref: Transformer, state: TrainState, iteration: int):
     rng = np.random.default_rng([cfg.seed, iteration, 0])
-    prompts, mask = task.sample_prompts(rng, cfg.prompts_per_iteration)
-    group = iteration * cfg.prompts_per_iteration + np.arange(len(prompts))
-    prompts, mask, group = (np.repeat(x, cfg.samples_per_prompt, axis=0) for x in (prompts, mask, group))
-    switch = rng.integers(0, cfg.max_new_tokens, size=len(prompts))  # uniform over the response
+    k, n = cfg.samples_per_prompt, cfg.prompts_per_iteration * cfg.samples_per_prompt  # row r: prompt r // k
+    mine = rollout.process_rows(ref, n, cfg.rollout_batch)  # on a pod: the rows this host decodes
+    drawn = np.unique(mine // k)
+    prompts, mask = prompt_rows(task, rng, cfg.prompts_per_iteration, drawn)  # only this host's prompts are made
+    prompts, mask = (x[np.searchsorted(drawn, mine // k)] for x in (prompts, mask))
+    group = iteration * cfg.prompts_per_iteration + np.arange(n) // k
+    switch = rng.integers(0, cfg.max_new_tokens, size=n)  # uniform over the response
     guided = {} if iteration == 0 else guidance_args(cfg, state)  # iteration 0 rolls in with π_ref
     out, rewards = _generate(cfg, ref, prompts, mask, jax.random.fold_in(jax.random.key(cfg.seed), iteration),
-                             failpoint=f"collect/{iteration}", switch_time=switch.astype(np.int32),
-                             score=_scorer(task, prompts), **sampling_settings(cfg, task), **guided)
-    return _records(prompts, mask, out, switch, _check_rewards(rewards, len(prompts), task), group)
+                             failpoint=f"collect/{iteration}", switch_time=switch.astype(np.int32), total_rows=n,
+                             score=_scorer(task, prompts, mine), **sampling_settings(cfg, task), **guided)
+    if len(mine) < n:  # the store (written by process 0) holds every row's prompt
+        prompts, mask = (rollout.gather_rows(x, mine, n) for x in (prompts, mask))
+    return _records(prompts, mask, out, switch, _check_rewards(rewards, n, task), group)
 
 
-def _scorer(task: Task, prompts: np.ndarray):
+def _scorer(task: Task, prompts: np.ndarray, rows_held: np.ndarray | None = None):
     """The task's rewards of a chunk of rows (run by ``generate_chunked`` beside the next chunk's
-    decoding, so answer checking stays off the accelerator's critical path)."""
-    return lambda rows, out: np.asarray(task.reward(prompts[rows], out.tokens, out.mask), np.float64)
+    decoding, so answer checking stays off the accelerator's critical path). ``prompts``: of the
+    global rows ``rows_held`` (None: of every row)."""
+    def score(rows, out):
+        at = rows if rows_held is None else np.searchsorted(rows_held, rows)
+        return np.asarray(task.reward(prompts[at], out.tokens, out.mask), np.float64)
+
+    return score
 
 
 def _fit(cfg: AlgorithmConfig, state: TrainState, train_epoch, data: dict[str, np.ndarray], iteration: int,

@@ -443,6 +443,19 @@ def _generate(ref_graph, ref_state, value_graph, value_state, prompt_ids, prompt
     return Rollout(lengths=jnp.sum(out["mask"], axis=1, dtype=jnp.int32), **out)
 
 
+def _prompts_of(rows: np.ndarray, local: np.ndarray | None, have: np.ndarray, ids: np.ndarray, mask: np.ndarray):
+    """A chunk's prompts ``[len(rows), P]``: ids and mask of its global ``rows`` from the rows
+    ``have`` that this process holds; on a pod only its devices' positions ``local`` are filled
+    (the others' are placed by their own hosts)."""
+    if local is None:
+        at = np.searchsorted(have, rows)
+        return ids[at], mask[at]
+    out_ids, out_mask = np.zeros((len(rows), ids.shape[1]), ids.dtype), np.zeros((len(rows), mask.shape[1]), bool)
+    at = np.searchsorted(have, rows[local])
+    out_ids[local], out_mask[local] = ids[at], mask[at]
+    return out_ids, out_mask
+
+
 def _mesh_of(model: nnx.Module):
     """The mesh ``model``'s parameters are laid out on (None: one device)."""
     leaf = jax.tree.leaves(nnx.state(model))[0]
@@ -461,23 +474,61 @@ def _local_positions(rows: jax.sharding.NamedSharding | None, size: int) -> np.n
     return np.asarray(sorted({i for index in held.values() for i in range(*index[0].indices(size))}), np.int64)
 
 
-def _gather_rows(values: Any, mine: np.ndarray, count: int) -> np.ndarray:
-    """Every process's scores of its own rows (``values``, a ``[len(mine)]`` array of numbers or
-    objects, at chunk positions ``mine``), assembled into the chunk's ``count`` scores on every
-    process: what is gathered is the scores (floats, answers), not the completions."""
+def gather_rows(values: Any, mine: np.ndarray, count: int) -> np.ndarray:
+    """Every process's ``values`` (``[len(mine), ...]``, numbers or objects) of its rows ``mine``,
+    assembled into all ``count`` rows on every process (e.g. the rewards or answers each host
+    computed for the rows it decoded). Rows several processes hold are the same on each. A
+    collective on a pod; in a single process ``mine`` must cover every row."""
     values = np.asarray(values)
-    out, filled = np.empty(count, values.dtype), np.zeros(count, bool)
+    out, filled = np.empty((count, *values.shape[1:]), values.dtype), np.zeros(count, bool)
     for positions, theirs in distributed.gather_objects((mine, values)):
         out[positions], filled[positions] = theirs, True
-    if not filled.all():  # every row is on some device, so some host scored it: a bug if not
-        raise RuntimeError(f"rows {np.flatnonzero(~filled)[:8].tolist()} of a chunk were scored by no process")
+    if not filled.all():  # every row is on some device, so some host holds it: a bug if not
+        raise RuntimeError(f"rows {np.flatnonzero(~filled)[:8].tolist()} of {count} came from no process")
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _Chunks:
+    """How :func:`generate_chunked` splits ``n`` rows: calls of ``size`` rows starting at
+    ``starts``, each call's rows laid out by ``rows_of[ndim]`` (empty: one device) and this process's
+    devices holding the call's positions ``local`` (None: all of them)."""
+
+    n: int
+    size: int
+    starts: range
+    rows_of: dict
+    local: np.ndarray | None
+
+    @classmethod
+    def of(cls, ref_model: Transformer, n: int, batch: int) -> "_Chunks":
+        mesh = _mesh_of(ref_model)
+        shards = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+        size = shards * -(-min(batch, n) // shards)  # rows per call: whole batch shards (padded with copies)
+        rows_of = {} if mesh is None else {ndim: sharding_lib.batch_sharding(mesh, ndim) for ndim in (1, 2)}
+        return cls(n, size, range(0, n, batch), rows_of, _local_positions(rows_of.get(1), size))
+
+    def rows(self, start: int) -> np.ndarray:
+        """The global rows of the call at ``start`` (the last call padded with copies of row n - 1)."""
+        return np.minimum(np.arange(start, start + self.size), self.n - 1)
+
+    def mine(self) -> np.ndarray:
+        """The global rows this process decodes, sorted (all rows in a single process)."""
+        if self.local is None:
+            return np.arange(self.n)
+        return np.unique(np.concatenate([self.rows(start)[self.local] for start in self.starts]))
+
+
+def process_rows(ref_model: Transformer, n: int, batch: int) -> np.ndarray:
+    """The rows of an ``n``-row :func:`generate_chunked` call (``batch`` rows per call) that this
+    process decodes, sorted: on a pod, the prompts a host needs (``total_rows``); else all ``n``."""
+    return _Chunks.of(ref_model, n, batch).mine()
 
 
 def generate_chunked(
     ref_model: Transformer, prompt_ids: np.ndarray, prompt_mask: np.ndarray, *, key: jax.Array, batch: int,
     name: str = "generate", score: Callable[[np.ndarray, Rollout], Any] | None = None, progress: bool = False,
-    **kwargs,
+    total_rows: int | None = None, **kwargs,
 ) -> Rollout | tuple[Rollout, np.ndarray]:
     """:func:`generate` over any number of rows, at most ``batch`` per call; fields as numpy arrays.
 
@@ -486,20 +537,25 @@ def generate_chunked(
     π_ref is laid out on a mesh, each chunk's rows are split over its ``data`` × ``fsdp`` devices
     (chunks rounded up to whole shards), so decoding is data-parallel, across hosts on a pod. Chunk
     i + 1 is dispatched before chunk i is copied to the host, and ``score(rows, chunk)`` (e.g. a
-    task's rewards: decoding and answer checking, CPU work) runs on a helper thread meanwhile, so
-    it stays off the accelerator's critical path; then ``(rollout, concatenated scores)`` is
-    returned. On a pod each host scores only the rows it decoded, and the scores (floats) are
-    gathered to every host. ``kwargs``: of :func:`generate` (``switch_time`` is per row and chunked with them).
+    task's rewards: decoding and answer checking, CPU work; ``rows``: the chunk's global row ids)
+    runs on a helper thread meanwhile, so it stays off the accelerator's critical path; then
+    ``(rollout, concatenated scores)`` is returned. On a pod each host scores only the rows it
+    decoded, and the scores (numbers or objects) are gathered to every host.
+
+    ``total_rows``: the prompts are this process's slice of ``total_rows`` rows, the rows
+    :func:`process_rows` names (each host of a pod makes only the prompts it decodes); None: every
+    row. ``kwargs``: of :func:`generate` (``switch_time``: per row, every row, chunked with them).
 
     Raises FloatingPointError (naming ``name`` and the rows) where the guidance was not finite.
     """
-    n = len(prompt_ids)
-    mesh = _mesh_of(ref_model)
-    shards = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
-    size = shards * -(-min(batch, n) // shards)  # rows per call: whole batch shards (padded with copies)
-    rows_of = {} if mesh is None else {ndim: sharding_lib.batch_sharding(mesh, ndim) for ndim in (1, 2)}
-    local = _local_positions(rows_of.get(1), size)  # on a pod: the chunk positions this host decodes (and scores)
-    starts = range(0, n, batch)
+    n = len(prompt_ids) if total_rows is None else total_rows
+    plan = _Chunks.of(ref_model, n, batch)
+    rows_of, local = plan.rows_of, plan.local  # on a pod: the chunk positions this host decodes (and scores)
+    have = plan.mine() if total_rows is not None else np.arange(n)  # the global rows prompt_ids holds
+    if len(prompt_ids) != len(have):
+        raise ValueError(f"{name}: {len(prompt_ids)} prompts given, but this process decodes {len(have)} of the "
+                         f"{n} rows (rollout.process_rows); pass those rows' prompts")
+    starts = plan.starts
     outs: list[Rollout] = []
     scores: list[concurrent.futures.Future] = []
 
@@ -518,10 +574,10 @@ def generate_chunked(
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool, contextlib.closing(bar):
         pending = None
         for start in starts:
-            rows = np.minimum(np.arange(start, start + size), n - 1)
+            rows = plan.rows(start)
             chunk = {k: (np.asarray(v)[rows] if k == "switch_time" and v is not None else v) for k, v in kwargs.items()}
-            ids, mask, row_ids = prompt_ids[rows], prompt_mask[rows], rows.astype(np.int32)
-            if mesh is not None:  # each device (on a pod: each host) holds only its rows
+            (ids, mask), row_ids = _prompts_of(rows, local, have, prompt_ids, prompt_mask), rows.astype(np.int32)
+            if rows_of:  # each device (on a pod: each host) holds only its rows
                 ids, mask, row_ids = (sharding_lib.put(x, rows_of[x.ndim]) for x in (ids, mask, row_ids))
                 if chunk.get("switch_time") is not None:
                     chunk["switch_time"] = sharding_lib.put(chunk["switch_time"].astype(np.int32), rows_of[1])
@@ -531,7 +587,7 @@ def generate_chunked(
             pending = (start, rows[: min(batch, n - start)], out)
         if pending is not None:
             finish(*pending, pool)
-        scored = [np.asarray(f.result()) if local is None else _gather_rows(f.result(), mine, count)
+        scored = [np.asarray(f.result()) if local is None else gather_rows(f.result(), mine, count)
                   for count, mine, f in scores]
     out = jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
     if not out.finite.all():

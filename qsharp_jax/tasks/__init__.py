@@ -31,13 +31,32 @@ class Task(Protocol):
     reward_range: tuple[float, float]
 
     def sample_prompts(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """``n`` training prompts: ids int32 ``[n, P]`` and mask bool ``[n, P]``."""
+        """``n`` training prompts: ids int32 ``[n, P]`` and mask bool ``[n, P]``.
+
+        A task may also have ``sample_prompt_rows(rng, n, rows)``: rows ``rows`` of what
+        ``sample_prompts(rng, n)`` returns, drawing from ``rng`` exactly as it does, making (encoding,
+        loading) only those rows; see :func:`prompt_rows`.
+        """
 
     def eval_prompts(self) -> tuple[np.ndarray, np.ndarray]:
         """The fixed evaluation prompts."""
 
     def reward(self, prompts: np.ndarray, completions: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """float ``[n]`` inside ``reward_range`` for completions ``[n, N]`` (mask False after EOS)."""
+
+
+def prompt_rows(task: Task, rng: np.random.Generator, n: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows ``rows`` (int ``[r]``) of ``task.sample_prompts(rng, n)``: ids ``[r, P]`` and mask,
+    with ``rng`` left as ``sample_prompts`` leaves it. On a pod each host asks for the rows it
+    decodes; a task with ``sample_prompt_rows`` makes only those, any other makes all and slices."""
+    rows = np.asarray(rows, np.int64)
+    if rows.size and not (0 <= rows.min() and rows.max() < n):
+        raise ValueError(f"prompt rows must lie in [0, {n}), got {rows.min()}..{rows.max()}")
+    some = getattr(task, "sample_prompt_rows", None)
+    if some is not None:
+        return some(rng, n, rows)
+    ids, mask = task.sample_prompts(rng, n)
+    return ids[rows], mask[rows]
 
 
 def _planted_token(cfg: RunConfig | None) -> Task:

@@ -207,9 +207,13 @@ class MathTask:
         return self._checker.timeouts
 
     def sample_prompts(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.sample_prompt_rows(rng, n, np.arange(n))
+
+    def sample_prompt_rows(self, rng: np.random.Generator, n: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        # the problems are encoded once, at start-up: which fit max_prompt_len decides what is drawn
         ids, mask = self._train
-        rows = rng.choice(len(ids), size=n, replace=n > len(ids))
-        return ids[rows], mask[rows]
+        drawn = rng.choice(len(ids), size=n, replace=n > len(ids))[rows]
+        return ids[drawn], mask[drawn]
 
     def eval_prompts(self) -> tuple[np.ndarray, np.ndarray]:
         return self._eval

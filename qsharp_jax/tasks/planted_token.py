@@ -29,10 +29,13 @@ class PlantedTokenTask:
                              f"vocab_size={self.vocab_size}")
 
     def sample_prompts(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.sample_prompt_rows(rng, n, np.arange(n))
+
+    def sample_prompt_rows(self, rng: np.random.Generator, n: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if n < 1:
             raise ValueError(f"need at least one prompt per iteration, got {n}")
-        x = rng.integers(1, self.num_keys + 1, size=n)
-        return np.stack([np.zeros(n, int), x], 1).astype(np.int32), np.ones((n, 2), bool)
+        x = rng.integers(1, self.num_keys + 1, size=n)[rows]
+        return np.stack([np.zeros(len(x), int), x], 1).astype(np.int32), np.ones((len(x), 2), bool)
 
     def eval_prompts(self) -> tuple[np.ndarray, np.ndarray]:
         x = np.tile(np.arange(1, self.num_keys + 1), self.eval_per_key)

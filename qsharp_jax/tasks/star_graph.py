@@ -318,10 +318,13 @@ class StarGraphTask:
         return Vocabulary(self.cfg.num_nodes).size
 
     def sample_prompts(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.sample_prompt_rows(rng, n, np.arange(n))
+
+    def sample_prompt_rows(self, rng: np.random.Generator, n: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if n < 1:
             raise ValueError(f"need at least one prompt per iteration, got {n}")
-        index = rng.integers(0, len(self.train.prompts), size=n)
-        return self.train.prompts[index], np.ones((n, self.cfg.prompt_length), bool)
+        index = rng.integers(0, len(self.train.prompts), size=n)[rows]
+        return self.train.prompts[index], np.ones((len(index), self.cfg.prompt_length), bool)
 
     def eval_prompts(self) -> tuple[np.ndarray, np.ndarray]:
         prompts = self.test.prompts[: self.eval_size]
