@@ -30,7 +30,7 @@ import numpy as np
 from qsharp_jax import algorithm, distributed, rollout, runs
 from qsharp_jax import config as config_lib
 from qsharp_jax import sharding as sharding_lib
-from qsharp_jax.storage import atomic_write
+from qsharp_jax.storage import atomic_write, check_local_path
 from qsharp_jax.tasks.math_data import Problem, encode_prompts, load_source
 from qsharp_jax.tasks.math_eval import Samples, breakdown, per_problem, summarize, table
 from qsharp_jax.tasks.math_task import MathTask
@@ -85,6 +85,7 @@ class EvalMathConfig:
     def __post_init__(self):
         if not self.run:
             raise ValueError("eval-math needs a run: a run directory of `qsharp train` or its config YAML")
+        check_local_path(self.out, "out")
         bad = [f"{k}={getattr(self, k)}" for k in ("samples", "resamples") if getattr(self, k) < 1]
         bad += [f"lookahead={self.lookahead}"] if self.lookahead is not None and self.lookahead < 0 else []
         bad += [f"{k}={getattr(self, k)}" for k in ("eta", "temperature", "top_p", "max_new_tokens", "max_problems",

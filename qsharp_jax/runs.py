@@ -30,7 +30,7 @@ from qsharp_jax.lock import RunLock
 from qsharp_jax.models.build import ModelSpec, build_reference, build_value
 from qsharp_jax.models.transformer import Transformer
 from qsharp_jax.models.value import HeadConfig, ValueModel
-from qsharp_jax.storage import aside_name, atomic_write
+from qsharp_jax.storage import aside_name, atomic_write, check_local_path
 from qsharp_jax.tasks import TASKS, Task, make_task
 from qsharp_jax.tasks.math_task import MathTaskConfig
 from qsharp_jax.train import TrainState
@@ -65,6 +65,7 @@ class RunConfig:
     def __post_init__(self):
         if self.task not in TASKS:
             raise ValueError(f"unknown task {self.task!r}; available: {', '.join(sorted(TASKS))}")
+        check_local_path(self.run_dir, "run_dir")
 
 
 def build(cfg: RunConfig) -> tuple[Task, Transformer, ValueModel]:

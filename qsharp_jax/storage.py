@@ -62,6 +62,16 @@ def atomic_write(path: Path, write, failpoint: str | None = None) -> None:
         failpoints.reach(f"{failpoint}/renamed")
 
 
+def check_local_path(path: str, field: str) -> None:
+    """Refuse a URL (``gs://``, ``s3://``...) where a directory is written: run directories take a
+    lock (``flock``) and replace files atomically (``rename``), which object stores do not offer."""
+    scheme = path.split("://", 1)[0] if "://" in path else ""
+    if scheme:
+        raise ValueError(f"{field}={path!r} is a URL ({scheme}://); qsharp writes its directories through a "
+                         "filesystem (a run takes a file lock and replaces files atomically, which object stores do "
+                         f"not offer): mount the bucket (e.g. gcsfuse) and give {field} the mounted path")
+
+
 def aside_name(prefix: str) -> str:
     """A unique, time-stamped name for moving something aside (kept, never deleted):
     ``<prefix>-YYYYmmdd-HHMMSS-<nanoseconds>``."""
