@@ -89,8 +89,22 @@ class ModelSpec:
         )
 
 
+def check_dtype_runs(dtype, devices=None) -> None:
+    """Refuse ``bfloat16`` on devices without it (GPUs before compute capability 8.0, e.g. V100
+    or T4: XLA would emulate or fail), naming the device and the fix. ``devices``: default JAX's."""
+    if jnp.dtype(dtype) != jnp.bfloat16:
+        return
+    for device in jax.devices() if devices is None else devices:
+        capability = getattr(device, "compute_capability", None)
+        if device.platform == "gpu" and capability is not None and float(capability) < 8.0:
+            raise ValueError(f"dtype bfloat16 needs a GPU of compute capability 8.0 or newer (Ampere, Hopper); "
+                             f"{getattr(device, 'device_kind', device)} has {capability}: use dtype: float32 for "
+                             "reference and value")
+
+
 def build_reference(spec: ModelSpec, dtype=None) -> Transformer:
     dtype = jnp.dtype(spec.dtype) if dtype is None else dtype
+    check_dtype_runs(dtype)
     if spec.hf_path:
         if spec.preset:
             check_matches(spec.preset, read_config(spec.hf_path), spec.hf_path)
@@ -101,6 +115,7 @@ def build_reference(spec: ModelSpec, dtype=None) -> Transformer:
 
 def build_value(spec: ModelSpec, head: HeadConfig, dtype=None) -> ValueModel:
     dtype = jnp.dtype(spec.dtype) if dtype is None else dtype
+    check_dtype_runs(dtype)
     if spec.hf_path:
         if spec.preset:
             check_matches(spec.preset, read_config(spec.hf_path), spec.hf_path)
