@@ -31,7 +31,7 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from qsharp_jax import config as config_lib
-from qsharp_jax import distributed, failpoints, objectives, rollout
+from qsharp_jax import distributed, failpoints, objectives, packing, rollout
 from qsharp_jax import sharding as sharding_lib
 from qsharp_jax.checkpoint import Checkpoints
 from qsharp_jax.lock import RunLock
@@ -71,7 +71,10 @@ class AlgorithmConfig:
       loss: the value fit: ``categorical`` (Q♯'s distributional MLE), ``bernoulli``, ``mse``
         (scalar head) or ``categorical_bellman`` (distributional Bellman evaluation of π_ref).
       epochs: passes over all data aggregated so far, per iteration.
-      batch_size: examples per optimizer step.
+      batch_size: examples per optimizer step (packed sequences with ``pack_length``).
+      pack_length: tokens per packed sequence of the fit: rows are packed end to end, each kept to
+        itself (:mod:`qsharp_jax.packing`), so steps train on no padding; at least the longest
+        prompt + response. 0: one padded row per example. Not with ``categorical_bellman``.
       warm_start: keep fitting one value model (False: re-initialize it every iteration).
       drop_no_variation: fit only prompts whose samples got different rewards.
       seed: every draw is keyed by (seed, iteration, row).
@@ -95,6 +98,7 @@ class AlgorithmConfig:
     loss: ValueLoss = "categorical"
     epochs: int = 2
     batch_size: int = 32
+    pack_length: int = 0
     warm_start: bool = True
     drop_no_variation: bool = False
     seed: int = 0
@@ -123,6 +127,11 @@ class AlgorithmConfig:
             raise ValueError(f"algorithm.guidance must be qsharp, cd or bernoulli, got {self.guidance!r}")
         if self.loss not in objectives.HEAD_OF_LOSS:
             raise ValueError(f"algorithm.loss must be one of {', '.join(objectives.HEAD_OF_LOSS)}, got {self.loss!r}")
+        if self.pack_length < 0:
+            raise ValueError(f"algorithm.pack_length must be >= 0 (0: no packing), got {self.pack_length}")
+        if self.pack_length and self.loss == "categorical_bellman":
+            raise ValueError("algorithm.pack_length packs the Monte-Carlo losses' rows; categorical_bellman's targets "
+                             "come from π_ref on each padded row: set pack_length=0")
 
 
 # Fields that may change when a run is resumed: more `iterations` extend it; `keep_checkpoints`
@@ -166,6 +175,13 @@ def _check_positions(cfg: AlgorithmConfig, task: Task, ref: Transformer, value: 
         if model.positions == "learned":
             raise ValueError(message + "; lower algorithm.max_new_tokens or the prompt length (math.max_prompt_len)")
         warnings.warn(message + " (its trained context; RoPE decodes on, with less reliable results)", stacklevel=3)
+    value_cfg = value.backbone.cfg
+    if cfg.pack_length and cfg.pack_length < width + cfg.max_new_tokens:  # refused now, not after collecting
+        raise ValueError(f"algorithm.pack_length={cfg.pack_length} is shorter than a row (prompts of up to {width} "
+                         f"tokens + algorithm.max_new_tokens={cfg.max_new_tokens}); raise it or set 0 (no packing)")
+    if cfg.pack_length > value_cfg.max_positions and value_cfg.positions == "learned":
+        raise ValueError(f"algorithm.pack_length={cfg.pack_length} exceeds the value model's {value_cfg.max_positions} "
+                         "learned positions; lower it")
 
 
 def _records(prompts, prompt_mask, out: rollout.Rollout, switch: np.ndarray, rewards, group) -> dict[str, np.ndarray]:
@@ -356,7 +372,11 @@ def _fit(cfg: AlgorithmConfig, state: TrainState, train_epoch, data: dict[str, n
                       stacklevel=2)
         return state, {"fit_examples": n, "fit_loss": None, "fit_explained_variance": None}
     keys = ("tokens", "attention_mask", "loss_mask", "rewards")
-    state, metrics = fit(state, train_epoch, {k: data[k] for k in keys}, epochs=cfg.epochs, batch_size=cfg.batch_size,
+    data = {k: data[k] for k in keys}
+    if cfg.pack_length:  # rows end to end, each kept to itself: the steps train on no padding
+        packed = packing.pack_rows(data, cfg.pack_length)
+        data = {k: packed[k] for k in ("tokens", "attention_mask", "loss_mask", "returns", "segment_ids")}
+    state, metrics = fit(state, train_epoch, data, epochs=cfg.epochs, batch_size=cfg.batch_size,
                          rng=np.random.default_rng([cfg.seed, iteration, 1]), last_batch="mask", extra=extra,
                          desc=f"fit {iteration}", progress=progress, failpoint=f"fit/{iteration}")
     return state, {"fit_examples": n, "fit_loss": metrics["loss"],

@@ -74,7 +74,8 @@ def value_loss(
 
     The target of every fitted prefix is its sequence's ``rewards`` ``[N]``, or, when the batch has
     ``returns`` float ``[N, T]`` instead, a target per prefix (e.g. auxiliary labels). ``kind``:
-    the loss (default: the head's own, :data:`LOSS_OF_HEAD`); the atoms are the head's.
+    the loss (default: the head's own, :data:`LOSS_OF_HEAD`); the atoms are the head's. With
+    ``segment_ids`` ``[N, T]`` the rows are packed sequences (:func:`qsharp_jax.packing.pack_rows`).
     """
     tokens, attention = batch["tokens"], batch["attention_mask"]
     chex.assert_rank(tokens, 2, custom_message="batch['tokens'] must be [N, T]")
@@ -91,13 +92,16 @@ def value_loss(
     if kind == "categorical_bellman":
         raise ValueError("categorical_bellman is bellman_value_loss, not a Monte-Carlo value_loss kind")
     check_loss_fits_head(kind, head)
-    out = model(tokens, attention)  # [N, T, (V,) (K)]
+    segments = batch.get("segment_ids")  # packed rows (qsharp_jax.packing): each row kept to itself
+    out = model(tokens, attention, segments)  # [N, T, (V,) (K)]
     mask = batch["loss_mask"] & attention
     if head.q_type:
         nxt = tokens[:, 1:]
         index = nxt[:, :, None, None] if out.ndim == 4 else nxt[:, :, None]
         out = jnp.take_along_axis(out[:, :-1], index, axis=2)[:, :, 0]
         mask, returns = mask[:, 1:], returns[:, 1:]
+        if segments is not None:  # a row's first token is not the previous row's next token
+            mask &= segments[:, 1:] == segments[:, :-1]
     # clip: the range was checked where the data came in (check_returns); in the step it only
     # absorbs float rounding, and leaves no host callback in the compiled loop
     if kind == "categorical":

@@ -1,5 +1,6 @@
 """Algorithm 1 end to end on a toy task with a planted reward (kill -9 and resume: test_faults.py)."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -42,6 +43,24 @@ def test_qsharp_improves_over_reference(tmp_path):
     assert [json.loads(line) for line in lines] == history
     # re-running a finished run does nothing and returns the same history
     assert run(algo, task, ref, value, tmp_path, progress=False) == history
+
+
+def test_packed_fit_has_the_padded_fits_loss(tmp_path):
+    """One step over all the rows: packing changes what a step computes on (sequences of packed
+    rows, no padding), not its loss."""
+    def once(name, **changes):  # fresh models each time: a run consumes its value model's buffers
+        algo, task, ref, value = build()
+        algo = dataclasses.replace(algo, iterations=1, epochs=1, batch_size=256, **changes)  # 192 rows: one step
+        return run(algo, task, ref, value, tmp_path / name, progress=False)[0]
+
+    padded, packed = once("padded"), once("packed", pack_length=15)  # 3 rows of 5 tokens per sequence
+    assert packed["fit_examples"] == padded["fit_examples"] == 192
+    assert packed["fit_loss"] == pytest.approx(padded["fit_loss"], rel=1e-5)
+    with pytest.raises(ValueError, match=r"pack_length=4 is shorter than a row \(prompts of up to 2 tokens \+ "
+                                         r"algorithm.max_new_tokens=3\)"):
+        once("short", pack_length=4)
+    with pytest.raises(ValueError, match="categorical_bellman's targets come from π_ref on each padded row"):
+        AlgorithmConfig(pack_length=15, loss="categorical_bellman")
 
 
 def test_bad_rewards_are_refused(tmp_path):

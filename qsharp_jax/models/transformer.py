@@ -323,23 +323,46 @@ class Transformer(nnx.Module):
 
     # ---------------------------------------------------------------- public API
 
-    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
-        return self.logits(self.hidden(input_ids, attention_mask))
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None) -> jax.Array:
+        return self.logits(self.hidden(input_ids, attention_mask, segment_ids))
 
-    def hidden(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
-        """Final-normed hidden states ``[B, T, E]`` of a whole (left- or right-padded) sequence."""
+    def hidden(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+               segment_ids: jax.Array | None = None) -> jax.Array:
+        """Final-normed hidden states ``[B, T, E]`` of a whole (left- or right-padded) sequence.
+
+        ``segment_ids`` int ``[B, T]``: each row holds several sequences packed end to end
+        (:func:`qsharp_jax.packing.pack_rows`), each a contiguous run of one id, all real tokens;
+        a token attends to, is positioned in and token-shifts within its own sequence only, so
+        every sequence's states equal its forward alone. Padding (mask False) follows them.
+        """
         input_ids, mask = self._check_ids(input_ids, attention_mask)
         t = input_ids.shape[1]
         if self.cfg.positions == "learned" and t > self.cfg.max_positions:
             raise ValueError(f"sequence length {t} exceeds the model's max_positions={self.cfg.max_positions}")
-        positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
         allowed = mask[:, None, :] & jnp.tril(jnp.ones((t, t), bool))[None]
+        if segment_ids is None:
+            positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+            back = self._shift_back(input_ids, mask, self._no_recent(input_ids.shape[0]))[0]
+        else:
+            chex.assert_shape(segment_ids, input_ids.shape, custom_message="segment_ids must have the shape of input_ids")
+            segment_ids = jnp.asarray(segment_ids)
+            allowed &= segment_ids[:, :, None] == segment_ids[:, None, :]
+            at = jnp.arange(t)
+            starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool),
+                                      segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+            start = jax.lax.cummax(jnp.where(starts, at, 0), axis=1)  # where each token's sequence starts
+            positions = at - start
+            back = None
+            if self.cfg.token_shift:  # n back inside the token's own sequence (-1: none)
+                src = at - self.cfg.token_shift
+                back = jnp.where(mask & (src >= start), jnp.take_along_axis(
+                    input_ids, jnp.broadcast_to(jnp.maximum(src, 0), input_ids.shape), axis=1), -1).astype(jnp.int32)
         allowed &= self._window(positions, positions)
 
         def attend(q, k, v, _):
             return attention(q, _heads_major(k), _heads_major(v), allowed), None
 
-        back = self._shift_back(input_ids, mask, self._no_recent(input_ids.shape[0]))[0]
         x, _ = self._run(input_ids, positions, attend, None, back)
         return x
 
