@@ -107,8 +107,11 @@ class TrainState:
 def init_state(model: nnx.Module, optimizer: optax.GradientTransformation, rng: jax.Array) -> TrainState:
     graphdef, state = nnx.split(model)
     params = nnx.to_pure_dict(state)
-    return TrainState(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32), rng=rng,
-                      graphdef=graphdef)
+    fresh = TrainState(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32), rng=rng,
+                       graphdef=graphdef)
+    # every leaf committed to its device, as the train step's outputs are: jit keys its cache on
+    # committedness, so a fresh counter or key would compile the step a second time at the next call
+    return jax.tree.map(lambda x: x if x.committed else jax.device_put(x, x.sharding), fresh)
 
 
 def _opt_state_shardings(opt_state: Any, params: Any, param_shardings: Any, mesh: Mesh) -> Any:

@@ -165,6 +165,31 @@ def test_scanned_epoch_equals_steps_one_at_a_time(on_mesh):
         assert q.sharding.spec == jax.sharding.PartitionSpec("tensor", None, "fsdp")
 
 
+def test_a_fit_compiles_its_step_once():
+    """A fit calls the train epoch chunk after chunk with the state the last call returned: a fresh
+    state must look like that one to jit (committed leaves), or the second chunk compiles again."""
+    from jax._src.dispatch import BACKEND_COMPILE_EVENT, JAXPR_TO_MLIR_MODULE_EVENT
+
+    optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-2))
+    model = ValueModel(CFG, HeadConfig(), rngs=nnx.Rngs(2))
+    nnx.update(model, jax.device_put(nnx.state(model), jax.devices()[0]))  # as loaded weights are: committed
+    state = init_state(model, optimizer, jax.random.key(0))
+    epoch = make_train_epoch(value_loss, optimizer)
+    chunk = jax.tree.map(lambda *xs: jnp.stack(xs), *[toy_batch(n=8, seed=s) for s in range(2)])
+    compiles = []
+    watched = (JAXPR_TO_MLIR_MODULE_EVENT, BACKEND_COMPILE_EVENT)  # lowering: also where the compilation cache hits
+    listener = lambda event, seconds, **_: compiles.append(event) if event in watched else None  # noqa: E731
+    state, _ = epoch(state, chunk)  # the first chunk compiles
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        for _ in range(2):
+            state, metrics = epoch(state, chunk)
+            jax.block_until_ready(metrics["loss"])
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == [] and int(state.step) == 6
+
+
 def test_loss_kind_must_fit_the_head():
     model = ValueModel(CFG, HeadConfig("scalar"), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="loss 'categorical' does not fit a 'scalar' value head"):
