@@ -32,7 +32,7 @@ from qsharp_jax.models.value import HeadConfig, value_from_hf
 VOCAB, ATOMS, PROMPT, LONGEST = 128_256, 11, 128, 512
 
 
-def rows(n: int, seed: int = 0) -> dict[str, np.ndarray]:
+def rows(n: int, seed: int = 0, vocab: int = VOCAB) -> dict[str, np.ndarray]:
     """``n`` rows of prompt + long-tailed response, left padded; binary rewards."""
     rng = np.random.default_rng(seed)
     responses = np.minimum(LONGEST, np.ceil(rng.lognormal(np.log(100), 0.9, n))).astype(int)
@@ -41,13 +41,14 @@ def rows(n: int, seed: int = 0) -> dict[str, np.ndarray]:
     at = np.arange(width)
     mask = at[None] >= (width - lengths)[:, None]
     loss_mask = at[None] >= (width - responses)[:, None]
-    return {"tokens": rng.integers(0, VOCAB, (n, width)).astype(np.int32), "attention_mask": mask,
+    return {"tokens": rng.integers(0, vocab, (n, width)).astype(np.int32), "attention_mask": mask,
             "loss_mask": loss_mask, "rewards": rng.integers(0, 2, n).astype(np.float32)}
 
 
-def build(layers: int, width: int, tmp: Path):
+def build(layers: int, width: int, tmp: Path, vocab: int = VOCAB):
+    """The value model in both frameworks, with the same weights (ours loaded from the HF checkpoint)."""
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=width, intermediate_size=3 * width,
+    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=width, intermediate_size=3 * width,
                                       num_hidden_layers=layers, num_attention_heads=width // 64,
                                       num_key_value_heads=width // 64, max_position_embeddings=2048,
                                       tie_word_embeddings=True)
@@ -75,25 +76,29 @@ def ours(model, data: dict[str, np.ndarray], batch: int, optimizer) -> tuple[flo
     return time.perf_counter() - start, loss
 
 
+def torch_loss(backbone, head, batch: dict[str, np.ndarray]) -> torch.Tensor:
+    """Our categorical value loss in PyTorch for 0/1 rewards (atoms 0..1: the target is the end atom,
+    so the projected cross-entropy is plain cross-entropy), over the fitted tokens of the batch."""
+    tokens, mask = torch.from_numpy(batch["tokens"]).long(), torch.from_numpy(batch["attention_mask"])
+    fitted = torch.from_numpy(batch["loss_mask"] & batch["attention_mask"])
+    target = (torch.from_numpy(batch["rewards"]).long() * (ATOMS - 1))[:, None].expand(-1, tokens.shape[1])
+    positions = (mask.long().cumsum(1) - 1).clamp(min=0)
+    hidden = backbone(tokens, attention_mask=mask.long(), position_ids=positions).last_hidden_state
+    return torch.nn.functional.cross_entropy(head(hidden)[fitted], target[fitted])
+
+
 def torch_loop(backbone, head, data: dict[str, np.ndarray], batch: int) -> tuple[float, float]:
-    """The same padded steps in PyTorch: the categorical loss on 0/1 rewards is cross-entropy to the end atoms."""
+    """The same padded steps in a PyTorch training loop (AdamW over every parameter)."""
     params = [*backbone.parameters(), *head.parameters()]
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
-    tokens, mask = torch.from_numpy(data["tokens"]).long(), torch.from_numpy(data["attention_mask"])
-    loss_mask = torch.from_numpy(data["loss_mask"] & data["attention_mask"])
-    target = torch.from_numpy(data["rewards"]).long() * (ATOMS - 1)
-    positions = (mask.long().cumsum(1) - 1).clamp(min=0)
-    steps = len(tokens) // batch
+    steps = len(data["tokens"]) // batch
 
     def step(i):
-        s = slice(i * batch, (i + 1) * batch)
-        hidden = backbone(tokens[s], attention_mask=mask[s].long(), position_ids=positions[s]).last_hidden_state
-        logits = head(hidden)[loss_mask[s]]
-        loss = torch.nn.functional.cross_entropy(logits, target[s][:, None].expand(-1, tokens.shape[1])[loss_mask[s]])
+        loss = torch_loss(backbone, head, {k: v[i * batch: (i + 1) * batch] for k, v in data.items()})
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        return float(loss)
+        return loss.item()
 
     step(0)  # warm-up
     start = time.perf_counter()

@@ -8,6 +8,7 @@ step would disagree)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 
 from experiments.bench.rollout_bench import ETA, Size, TorchQSharpProcessor, build
@@ -39,3 +40,16 @@ def test_torch_processor_equals_guided_logits(tmp_path):
         want = guidance.guided_logits(jnp.asarray(ref_logits), cand, offsets, others="min")
         assert float(jnp.max(offsets) - jnp.min(offsets)) > 0.5  # guidance reorders, the check is not vacuous
         np.testing.assert_allclose(got, np.asarray(want), rtol=1e-4, atol=1e-4)
+
+
+def test_pack_bench_compares_the_same_loss(tmp_path):
+    """The packing bench's PyTorch loop fits the loss ours fits (same weights, same padded rows)."""
+    from experiments.bench import pack_bench
+    from qsharp_jax import objectives
+
+    data = pack_bench.rows(3, vocab=64)
+    ours, backbone, head = pack_bench.build(1, 64, tmp_path, vocab=64)
+    with torch.no_grad():
+        expected = float(pack_bench.torch_loss(backbone, head, data))
+    loss, _ = jax.jit(objectives.value_loss)(ours, {k: jnp.asarray(v) for k, v in data.items()})
+    assert float(loss) == pytest.approx(expected, rel=1e-4)
