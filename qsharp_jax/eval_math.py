@@ -259,7 +259,8 @@ def evaluate_math(cfg: EvalMathConfig, *, progress: bool = True) -> dict[str, An
             "max_new_tokens": sampling.settings["max_new_tokens"]}
         evaluated, all_samples = evaluate_methods(
             task, ref, None if state is None else state.model(), problems, ids, mask, sampling, methods=cfg.methods,
-            eta=eta, sweep=cfg.sweep, resamples=cfg.resamples, lookahead=lookahead, progress=progress and distributed.is_main())
+            eta=eta, sweep=cfg.sweep, resamples=cfg.resamples, lookahead=lookahead,
+            progress=progress and distributed.is_main())
         results.update(evaluated)
         distributed.on_main("eval-math/written", lambda: write(out_dir, results, all_samples, problems))
         return results

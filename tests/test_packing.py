@@ -47,7 +47,8 @@ def test_packing_keeps_every_row_whole_and_fills_sequences():
                                       data["loss_mask"][r][data["attention_mask"][r]])
         assert (packed["returns"][p[0]][where[p[0]]] == data["rewards"][r]).all()
         assert len(np.unique(packed["segment_ids"][p[0]][where[p[0]]])) == 1
-    assert (packed["attention_mask"] == (packed["rows"] >= 0)).all() and (packed["segment_ids"][~packed["attention_mask"]] == 0).all()
+    assert (packed["attention_mask"] == (packed["rows"] >= 0)).all()
+    assert (packed["segment_ids"][~packed["attention_mask"]] == 0).all()
     with pytest.raises(ValueError, match=r"row \d has 1\d tokens, more than the pack length 8; raise the pack length"):
         pack_rows(data, 8)
 

@@ -81,7 +81,9 @@ class StarGraphConfig:
       run_dir: where results, checkpoints and the Q♯ run go (a run there is resumed).
       graph: G(degree, path_length) over num_nodes labels.
       train_graphs, test_graphs: split sizes (paper: 200k, 20k).
-      seed: the splits' and every method's seed.
+      seed: the graphs' and splits' seed, π_ref's pretraining, the baselines' and the evaluation's;
+        Q♯'s own draws (rollouts, switch times, fit batches) follow ``qsharp.seed`` and the value
+        model's initialization ``value.seed``, which it does not change.
       reference, pretrain: π_ref's sizes and its next-token training.
       value, head: the value model (``value`` is used only when ``value_from_reference`` is False).
       value_from_reference: start the value backbone as a copy of the trained π_ref.

@@ -345,7 +345,8 @@ class Transformer(nnx.Module):
             positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
             back = self._shift_back(input_ids, mask, self._no_recent(input_ids.shape[0]))[0]
         else:
-            chex.assert_shape(segment_ids, input_ids.shape, custom_message="segment_ids must have the shape of input_ids")
+            chex.assert_shape(segment_ids, input_ids.shape,
+                              custom_message="segment_ids must have the shape of input_ids")
             segment_ids = jnp.asarray(segment_ids)
             allowed &= segment_ids[:, :, None] == segment_ids[:, None, :]
             at = jnp.arange(t)
