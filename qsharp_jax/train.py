@@ -106,12 +106,12 @@ class TrainState:
 
 def init_state(model: nnx.Module, optimizer: optax.GradientTransformation, rng: jax.Array) -> TrainState:
     graphdef, state = nnx.split(model)
-    params = nnx.to_pure_dict(state)
-    fresh = TrainState(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32), rng=rng,
-                       graphdef=graphdef)
-    # every leaf committed to its device, as the train step's outputs are: jit keys its cache on
-    # committedness, so a fresh counter or key would compile the step a second time at the next call
-    return jax.tree.map(lambda x: x if x.committed else jax.device_put(x, x.sharding), fresh)
+    params = nnx.to_pure_dict(state)  # as they are (a restore's template may hold consumed buffers)
+    # what is made here is committed to its device, as the train step's outputs are: jit keys its
+    # cache on committedness, so a fresh counter or key would compile the step again at the next call
+    commit = lambda tree: jax.tree.map(lambda x: x if x.committed else jax.device_put(x, x.sharding), tree)  # noqa: E731
+    return TrainState(params=params, opt_state=commit(optimizer.init(params)), step=commit(jnp.zeros((), jnp.int32)),
+                      rng=commit(rng), graphdef=graphdef)
 
 
 def _opt_state_shardings(opt_state: Any, params: Any, param_shardings: Any, mesh: Mesh) -> Any:

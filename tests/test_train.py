@@ -190,6 +190,15 @@ def test_a_fit_compiles_its_step_once():
     assert compiles == [] and int(state.step) == 6
 
 
+def test_a_consumed_model_still_serves_as_a_restore_template():
+    """After a fit donated a model's buffers, init_state of it gives the shapes a restore needs."""
+    model = ValueModel(CFG, HeadConfig(), rngs=nnx.Rngs(2))  # fresh: uncommitted parameters
+    for x in jax.tree.leaves(nnx.state(model)):
+        x.delete()
+    state = init_state(model, make_optimizer(OptimizerConfig()), jax.random.key(0))
+    assert state.step.committed and jax.tree.leaves(state.params)[0].is_deleted()
+
+
 def test_loss_kind_must_fit_the_head():
     model = ValueModel(CFG, HeadConfig("scalar"), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="loss 'categorical' does not fit a 'scalar' value head"):
