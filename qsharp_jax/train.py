@@ -109,7 +109,8 @@ def init_state(model: nnx.Module, optimizer: optax.GradientTransformation, rng: 
     params = nnx.to_pure_dict(state)  # as they are (a restore's template may hold consumed buffers)
     # what is made here is committed to its device, as the train step's outputs are: jit keys its
     # cache on committedness, so a fresh counter or key would compile the step again at the next call
-    commit = lambda tree: jax.tree.map(lambda x: x if x.committed else jax.device_put(x, x.sharding), tree)  # noqa: E731
+    commit = lambda tree: jax.tree.map(  # noqa: E731 -- traced (eval_shape, jit): nothing to commit
+        lambda x: x if isinstance(x, jax.core.Tracer) or x.committed else jax.device_put(x, x.sharding), tree)
     return TrainState(params=params, opt_state=commit(optimizer.init(params)), step=commit(jnp.zeros((), jnp.int32)),
                       rng=commit(rng), graphdef=graphdef)
 
