@@ -33,7 +33,7 @@ test-faults: install-dev
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) -m faults tests/test_faults.py
 
 # the star-graph experiment on the paper's G(2, 5) end to end (π_ref pretraining, Q♯, CD, REINFORCE, DPO,
-# RPO) into runs/demo (19 min on a fast 2-core machine, 29 on a slow one; README)
+# RPO) into runs/demo (about 30 min on 2 cores; README)
 demo: install
 	$(PY) -m experiments.star_graph experiments/star_graph/demo.yaml
 

@@ -41,8 +41,10 @@ def launch(args_of, *, processes: int = 2, cwds=None, timeout: float = 240, port
 
 
 def printed(stdout: str) -> str:
-    """What a command printed, without gloo's connection messages."""
-    return "".join(line for line in stdout.splitlines(keepends=True) if not line.startswith("[Gloo]"))
+    """What a command printed, without gloo's connection messages ("[Gloo] Rank i is connected to n
+    peer ranks. ..."; its threads write them unsynchronized, so one may be split over two lines)."""
+    gloo = re.compile(r"\[Gloo\]|^\d* ?is connected to \d+ peer ranks|peer ranks is : \d+$")
+    return "".join(line for line in stdout.splitlines(keepends=True) if not gloo.search(line.strip()))
 
 
 def numbers(text: str) -> list[float]:
