@@ -340,7 +340,7 @@ def _collect(cfg: AlgorithmConfig, task: Task, ref: Transformer, state: TrainSta
     out, rewards = _generate(cfg, ref, prompts, mask, jax.random.fold_in(jax.random.key(cfg.seed), iteration),
                              failpoint=f"collect/{iteration}", switch_time=switch.astype(np.int32), total_rows=n,
                              score=_scorer(task, prompts, mine), **sampling_settings(cfg, task), **guided)
-    if len(mine) < n:  # the store (written by process 0) holds every row's prompt
+    if jax.process_count() > 1:  # the store (written by process 0) holds every row's prompt; every process joins
         prompts, mask = (rollout.gather_rows(x, mine, n) for x in (prompts, mask))
     return _records(prompts, mask, out, switch, _check_rewards(rewards, n, task), group)
 
