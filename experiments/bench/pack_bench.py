@@ -132,12 +132,11 @@ def main() -> None:
         for name, run in (("ours padded", lambda: ours(model, data, args.batch, optimizer)),
                           ("ours packed", lambda: ours(model, packed, args.batch, optimizer)),
                           ("HF PyTorch padded", lambda: torch_loop(backbone, head, data, args.batch))):
-            seconds, loss = run()
+            seconds, _ = run()
             steps = (len(packed["tokens"]) if "packed" in name else args.rows) // args.batch
             tokens = int((packed if "packed" in name else data)["attention_mask"][: steps * args.batch].sum())
             results[name] = tokens / seconds
-            print(f"  {name:18s} {steps:4d} steps {seconds:7.2f} s {tokens / seconds:9.0f} useful tokens/s "
-                  f"(last loss {loss:.4f})", flush=True)
+            print(f"  {name:18s} {steps:4d} steps {seconds:7.2f} s {tokens / seconds:9.0f} useful tokens/s", flush=True)
     print(f"packed_vs_padded={results['ours packed'] / results['ours padded']:.2f} "
           f"fit_speedup_vs_torch={results['ours packed'] / results['HF PyTorch padded']:.2f}")
 
