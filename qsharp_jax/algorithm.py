@@ -375,7 +375,7 @@ def _fit(cfg: AlgorithmConfig, state: TrainState, train_epoch, data: dict[str, n
     data = {k: data[k] for k in keys}
     if cfg.pack_length:  # rows end to end, each kept to itself: the steps train on no padding
         packed = packing.pack_rows(data, cfg.pack_length)
-        data = {k: packed[k] for k in ("tokens", "attention_mask", "loss_mask", "returns", "segment_ids")}
+        data = {k: packed[k] for k in packing.BATCH_KEYS}
     state, metrics = fit(state, train_epoch, data, epochs=cfg.epochs, batch_size=cfg.batch_size,
                          rng=np.random.default_rng([cfg.seed, iteration, 1]), last_batch="mask", extra=extra,
                          desc=f"fit {iteration}", progress=progress, failpoint=f"fit/{iteration}")

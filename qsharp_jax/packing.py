@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 
+# what a train step reads of pack_rows' output (``rows`` is for tracing a token back to its row)
+BATCH_KEYS = ("tokens", "attention_mask", "loss_mask", "returns", "segment_ids")
+
 
 def pack_rows(data: dict[str, np.ndarray], length: int) -> dict[str, np.ndarray]:
     """Pack a fit's rows into ``[M, length]`` sequences.

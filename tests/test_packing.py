@@ -10,7 +10,7 @@ from flax import nnx
 from qsharp_jax import objectives
 from qsharp_jax.models.transformer import TransformerConfig
 from qsharp_jax.models.value import HeadConfig, ValueModel
-from qsharp_jax.packing import pack_rows
+from qsharp_jax.packing import BATCH_KEYS, pack_rows
 
 
 def rows(seed=0, n=7, t=12, vocab=32):
@@ -68,7 +68,7 @@ def test_packed_rows_equal_their_forward_alone_and_the_padded_loss_and_gradients
         np.testing.assert_allclose(np.asarray(together[p][where[p]]), np.asarray(alone[r][data["attention_mask"][r]]),
                                    atol=2e-5, rtol=1e-4)
     batch = {k: jnp.asarray(v) for k, v in data.items()}
-    packed_batch = {k: jnp.asarray(packed[k]) for k in ("tokens", "attention_mask", "loss_mask", "returns", "segment_ids")}
+    packed_batch = {k: jnp.asarray(packed[k]) for k in BATCH_KEYS}
     grad = jax.jit(nnx.value_and_grad(lambda m, b: objectives.value_loss(m, b)[0]))
     (loss, g), (packed_loss, packed_g) = grad(value, batch), grad(value, packed_batch)
     assert float(packed_loss) == pytest.approx(float(loss), rel=1e-5)

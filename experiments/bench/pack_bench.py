@@ -118,7 +118,7 @@ def main() -> None:
     data = rows(args.rows)
     width = data["tokens"].shape[1]
     packed = packing.pack_rows(data, width)
-    packed = {k: packed[k] for k in ("tokens", "attention_mask", "loss_mask", "returns", "segment_ids")}
+    packed = {k: packed[k] for k in packing.BATCH_KEYS}
     useful = int(data["attention_mask"].sum())
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads); value model Llama {args.layers} x {args.width}, vocabulary {VOCAB}")
