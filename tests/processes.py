@@ -42,9 +42,12 @@ def launch(args_of, *, processes: int = 2, cwds=None, timeout: float = 240, port
 
 def printed(stdout: str) -> str:
     """What a command printed, without gloo's connection messages ("[Gloo] Rank i is connected to n
-    peer ranks. ..."; its threads write them unsynchronized, so one may be split over two lines)."""
+    peer ranks. ..."). Its threads write them unsynchronized, so a message may be split over two lines
+    or two may share one line and leave an empty one behind: gloo's lines and empty lines are dropped
+    (no command's output is compared on its empty lines)."""
     gloo = re.compile(r"\[Gloo\]|^\d* ?is connected to \d+ peer ranks|peer ranks is : \d+$")
-    return "".join(line for line in stdout.splitlines(keepends=True) if not gloo.search(line.strip()))
+    return "".join(line for line in stdout.splitlines(keepends=True)
+                   if line.strip() and not gloo.search(line.strip()))
 
 
 def numbers(text: str) -> list[float]:
