@@ -16,6 +16,12 @@ prompt batch, then runs a single ``lax.while_loop`` that, per step:
 The loop stops as soon as every sequence has emitted EOS. Once every sequence has passed its switch
 time, the value model is no longer run. Everything is deterministic given ``key`` and each row's id.
 
+With ``slots`` (continuous batching) the same step runs over a fixed number of slots while the rows
+wait in a queue: a slot whose row has ended is refilled with the next row (its prompt prefilled into
+the slot's part of ring-buffer caches) inside the same compiled loop, so long rows do not hold a
+batch of finished ones. Row r draws with the same keys either way. With ``samples_per_prompt`` S,
+rows come in groups of S copies of a prompt, and each group's prompt is prefilled once.
+
 π_ref,t in ``ref_logprobs`` and ``kl`` is the reference model's own next-token distribution
 (softmax of its logits, no temperature or truncation): the KL is to π_ref itself.
 """
@@ -38,6 +44,8 @@ from tqdm import tqdm
 from qsharp_jax import _validate, distributed, failpoints
 from qsharp_jax import sharding as sharding_lib
 from qsharp_jax import guidance as guidance_lib
+from qsharp_jax.models import cache as cache_lib
+from qsharp_jax.models.cache import KVCache
 from qsharp_jax.models.transformer import Transformer
 from qsharp_jax.models.value import ValueModel, check_compatible
 
@@ -87,6 +95,9 @@ class _Spec:
     pad_id: int
     always_guided: bool  # no switch time: skip the per-step check whether guidance is still needed
     lookahead: int  # V-type: each candidate's value read this many π_ref steps later (0: at the candidate)
+    share: int = 1  # rows come in groups of this many copies of one prompt, prefilled once per group
+    slots: int | None = None  # continuous batching: rows decoded at once (None: the static loop)
+    refill: int = 0  # continuous batching: slots prefilled together once that many are free
 
 
 def generate(
@@ -109,6 +120,9 @@ def generate(
     cache_len: int | None = None,
     row_ids: jax.Array | None = None,
     lookahead: int = 0,
+    samples_per_prompt: int = 1,
+    slots: int | None = None,
+    refill: int | None = None,
 ) -> Rollout:
     """Sample ``max_new_tokens`` tokens after left-padded prompts, plain or value-guided.
 
@@ -142,6 +156,18 @@ def generate(
         the model may have learned it better. A path that reaches ``eos_id`` is valued at it.
         Costs d·k more π_ref tokens and (d − 1 + k)·k value tokens per guided step.
         ``True`` is 1; 0 / ``False``: each candidate is valued where it stands.
+      samples_per_prompt: S >= 1: rows come in groups of S copies of one prompt (Algorithm 1's
+        samples of a prompt: row r is prompt r // S); each group is prefilled once and its caches
+        copied, so prompt tokens cost one forward instead of S. B must be a multiple of S.
+      slots: continuous batching. None: the B rows decode together until the longest has ended
+        (the static loop). An int: ``slots`` rows decode at once and the other rows wait in a
+        queue; once ``refill`` slots have finished (EOS or ``max_new_tokens``), the next
+        ``refill`` rows are prefilled into them inside the compiled loop, so the device does not
+        decode finished rows while long ones run. Each row is drawn exactly as by the static loop
+        (its keys, switch time and η are its own), so the two give the same rows up to float
+        rounding. The caches are rings of ``cache_len`` slots; a multiple of S.
+      refill: rows prefilled per refill (a multiple of S, at most ``slots``); default about a
+        quarter of the slots. Smaller: slots wait less for company, more prefill calls.
     """
     prompt_ids, prompt_mask = jnp.asarray(prompt_ids), jnp.asarray(prompt_mask).astype(bool)
     chex.assert_rank(prompt_ids, 2, custom_message="prompt_ids must be [batch, prompt_len]")
@@ -214,18 +240,53 @@ def generate(
     row_ids = jnp.arange(batch, dtype=jnp.int32) if row_ids is None else jnp.asarray(row_ids, jnp.int32)
     chex.assert_shape(row_ids, (batch,), custom_message="row_ids must be [batch]")
 
+    share, slots, refill = _check_batching(prompt_ids, prompt_mask, samples_per_prompt, slots, refill)
     spec = _Spec(
         max_new_tokens=max_new_tokens, cache_len=cache_len, guidance=guidance,
         q_type=bool(value_model is not None and value_model.head_cfg.q_type), top_k=top_k,
         temperature=float(temperature), top_p=float(top_p), eos_id=eos_id, pad_id=pad_id,
-        always_guided=always_guided, lookahead=lookahead,
+        always_guided=always_guided, lookahead=lookahead, share=share, slots=slots, refill=refill,
     )
     ref_graph, ref_state = nnx.split(ref_model)
     value_graph, value_state = nnx.split(value_model) if value_model is not None else (None, None)
-    return _generate(
+    loop = _generate if slots is None else _generate_continuous
+    return loop(
         ref_graph, ref_state, value_graph, value_state, prompt_ids.astype(jnp.int32), prompt_mask, key, row_ids,
         switch_time, jnp.asarray(eta, jnp.float32), None if atoms is None else jnp.asarray(atoms), spec=spec,
     )
+
+
+def _check_batching(prompt_ids, prompt_mask, samples_per_prompt, slots, refill) -> tuple[int, int | None, int]:
+    """``(share, slots, refill)`` of :func:`generate`'s batching arguments, checked."""
+    batch = prompt_ids.shape[0]
+    share = samples_per_prompt
+    if not isinstance(share, (int, np.integer)) or share < 1:
+        raise ValueError(f"samples_per_prompt must be an int >= 1, got {share!r}")
+    share = int(share)
+    if batch % share:
+        raise ValueError(f"{batch} rows are not groups of samples_per_prompt={share} (row r is prompt r // {share}); "
+                         "pass whole groups")
+    if share > 1:
+        groups = lambda x: x.reshape(batch // share, share, -1)  # noqa: E731
+        _validate.check_value(
+            lambda i, m: (jnp.any((groups(i) != groups(i)[:, :1]) | (groups(m) != groups(m)[:, :1])),),
+            f"samples_per_prompt={share}: the rows of a group are not copies of one prompt (row r must be prompt "
+            f"r // {share}); repeat each prompt {share} times (np.repeat(prompts, {share}, axis=0))",
+            prompt_ids, prompt_mask,
+        )
+    if slots is None:
+        if refill is not None:
+            raise ValueError("refill is for continuous batching: set slots too")
+        return share, None, 0
+    if not isinstance(slots, (int, np.integer)) or slots < 1 or slots % share:
+        raise ValueError(f"slots must be a positive multiple of samples_per_prompt={share}, got {slots!r}")
+    slots = int(slots)
+    if refill is None:
+        refill = max(share, slots // 4 // share * share)
+    if not isinstance(refill, (int, np.integer)) or not share <= refill <= slots or refill % share:
+        raise ValueError(f"refill must be a multiple of samples_per_prompt={share} in [{share}, slots={slots}], "
+                         f"got {refill!r}")
+    return share, slots, int(refill)
 
 
 def truncate(
@@ -286,31 +347,68 @@ def _draw(log_policy: jax.Array, ids: jax.Array, ref_at_ids: jax.Array, ref_lse:
     return choice, pick(ids).astype(jnp.int32), pick(log_policy), pick(log_ref), kl
 
 
-@functools.partial(jax.jit, static_argnames=("ref_graph", "value_graph", "spec"))
-def _generate(ref_graph, ref_state, value_graph, value_state, prompt_ids, prompt_mask, key, row_ids, switch_time,
-              eta, atoms, *, spec: _Spec) -> Rollout:
-    ref = nnx.merge(ref_graph, ref_state)
-    value = nnx.merge(value_graph, value_state) if value_graph is not None else None
-    batch = prompt_ids.shape[0]
-    row_keys = jax.vmap(lambda row: jax.random.fold_in(key, row))(row_ids)  # constant over the loop
-    n = spec.max_new_tokens
-    v_type = value is not None and not spec.q_type
+@struct.dataclass
+class _Models:
+    """What one decoding step reads and updates for every row."""
 
-    # prefill; the heads only at the last prompt position
-    ref_logits, ref_cache = ref.extend(prompt_ids, ref.init_cache(batch, spec.cache_len), prompt_mask, last_only=True)
-    ref_logits = ref_logits[:, 0]
-    if value is not None:
-        value_out, value_cache = value.extend(prompt_ids, value.init_cache(batch, spec.cache_len), prompt_mask,
-                                              last_only=True)
-        value_out = value_out[:, 0]  # Q-type: [B, V, ...]; unused for V-type
-    else:
-        value_cache, value_out = None, None
+    ref_logits: jax.Array  # float32 [B, V]: π_ref's next-token logits
+    ref_cache: KVCache  # π_ref's keys and values
+    value_cache: KVCache | None  # the value model's (None: plain decoding)
+    value_out: jax.Array | None  # Q-type: the value head at the last position, [B, V, ...]; else None
 
-    def offsets_of(values):  # η and the atoms were validated in `generate`: no checks in the loop
-        return guidance_lib.UNCHECKED_OFFSETS[spec.guidance](values, atoms, eta)
 
-    def ahead(ref_cache, value_cache, cand, values, kv):
+@struct.dataclass
+class _Sampled:
+    """One decoding step's draw, per row ``[B]``."""
+
+    token: jax.Array  # int32; pad_id for inactive rows
+    logprob: jax.Array  # log π(token) under the sampled (guided, truncated) policy
+    ref_logprob: jax.Array  # log π_ref(token)
+    kl: jax.Array  # KL(π_t ‖ π_ref,t), exact
+    guidance_kl: jax.Array  # KL(π_g,t ‖ π_ref,t) before truncation (0 where not guided)
+    bad: jax.Array  # bool: the policy had NaN log-probabilities
+
+
+@dataclasses.dataclass(frozen=True)
+class _Decoder:
+    """The models and settings of one traced decoding loop, and the steps both loops share."""
+
+    ref: Transformer
+    value: ValueModel | None
+    spec: _Spec
+    eta: jax.Array
+    atoms: jax.Array | None
+
+    @property
+    def v_type(self) -> bool:
+        return self.value is not None and not self.spec.q_type
+
+    def prefill(self, prompt_ids: jax.Array, prompt_mask: jax.Array, cache_len: int) -> _Models:
+        """Both models over left-padded prompts ``[R, P]`` into fresh caches of ``cache_len`` slots,
+        the heads at the last position only; with ``spec.share`` S, rows come in groups of S copies
+        of one prompt and each group is prefilled once (its caches repeated S times)."""
+        share = self.spec.share
+        if share > 1:
+            prompt_ids, prompt_mask = prompt_ids[::share], prompt_mask[::share]
+        batch = prompt_ids.shape[0]
+        ref_logits, ref_cache = self.ref.extend(prompt_ids, self.ref.init_cache(batch, cache_len), prompt_mask,
+                                                last_only=True)
+        value_cache = value_out = None
+        if self.value is not None:
+            value_out, value_cache = self.value.extend(prompt_ids, self.value.init_cache(batch, cache_len),
+                                                       prompt_mask, last_only=True)
+            value_out = value_out[:, 0] if self.spec.q_type else None
+        models = _Models(ref_logits[:, 0], ref_cache, value_cache, value_out)
+        if share > 1:  # every per-row leaf repeated; the shared slot index stays a scalar
+            models = jax.tree.map(lambda x: jnp.repeat(x, share, axis=0) if x.ndim else x, models)
+        return models
+
+    def offsets_of(self, values):  # η and the atoms were validated in `generate`: no checks in the loop
+        return guidance_lib.UNCHECKED_OFFSETS[self.spec.guidance](values, self.atoms, self.eta)
+
+    def ahead(self, ref_cache, value_cache, cand, values, kv):
         """float ``[B, k]``: each candidate's offset read ``lookahead`` π_ref steps later (see `generate`)."""
+        ref, value, spec, offsets_of = self.ref, self.value, self.spec, self.offsets_of
         vocab = value.vocab_size
         h, ref_path = ref.paths_hidden(cand[:, :, None], ref_cache)
         chain = [cand]
@@ -337,7 +435,7 @@ def _generate(ref_graph, ref_state, value_graph, value_state, prompt_ids, prompt
         at_end = offsets_of(jnp.take_along_axis(chain_values, first, axis=2)[:, :, 0])
         return jnp.where(jnp.any(ended, axis=2), at_end, out)
 
-    def candidates(ref_logits, ref_cache, value_cache, value_out, guide_now):
+    def candidates(self, m: _Models, guide_now):
         """Guidance on π_ref's top-k: guided logits there (+ a V-type model's K/V of each candidate).
 
         A V-type model scores the candidates in one forward against its cache; a Q-type model's
@@ -346,21 +444,23 @@ def _generate(ref_graph, ref_state, value_graph, value_state, prompt_ids, prompt
         (offsets >= their row minimum, π_ref logits >= the k-th), so the final top-k of the guided
         policy is this same set.
         """
+        value, spec, offsets_of = self.value, self.spec, self.offsets_of
+        ref_logits, batch = m.ref_logits, m.ref_logits.shape[0]
         # ids the value model has (its vocabulary may be padded less than π_ref's: a static slice)
         ref_top, cand = jax.lax.top_k(ref_logits[:, : value.vocab_size], spec.top_k)
 
         def score():
             if spec.q_type:  # [B, V, ...] -> [B, k, ...]
-                at = cand.reshape(*cand.shape, *([1] * (value_out.ndim - 2)))
-                return jnp.where(guide_now[:, None], offsets_of(jnp.take_along_axis(value_out, at, axis=1)), 0.0), None
-            values, kv = value.score_candidates(cand, value_cache, return_kv=True)
+                at = cand.reshape(*cand.shape, *([1] * (m.value_out.ndim - 2)))
+                return jnp.where(guide_now[:, None], offsets_of(jnp.take_along_axis(m.value_out, at, axis=1)), 0.0), None
+            values, kv = value.score_candidates(cand, m.value_cache, return_kv=True)
             if not spec.lookahead:
                 return jnp.where(guide_now[:, None], offsets_of(values), 0.0), kv
-            return jnp.where(guide_now[:, None], ahead(ref_cache, value_cache, cand, values, kv), 0.0), kv
+            return jnp.where(guide_now[:, None], self.ahead(m.ref_cache, m.value_cache, cand, values, kv), 0.0), kv
 
-        def skip():  # everyone has switched to π_ref: the value model is not needed any more
+        def skip():  # no row is guided now: the value model is not needed
             shape = (batch, value.backbone.cfg.num_kv_heads, spec.top_k, value.backbone.cfg.head_dim)
-            zeros = tuple(jnp.zeros(shape, value_cache.k[0].dtype) for _ in value_cache.k)
+            zeros = tuple(jnp.zeros(shape, m.value_cache.k[0].dtype) for _ in m.value_cache.k)
             return jnp.zeros(cand.shape, jnp.float32), (zeros, zeros, cand)
 
         if spec.always_guided or spec.q_type:
@@ -375,42 +475,42 @@ def _generate(ref_graph, ref_state, value_graph, value_state, prompt_ids, prompt
         take = lambda x: jnp.take_along_axis(x, order, axis=-1)  # noqa: E731
         return _nucleus(take(values), spec.top_p), take(cand), take(ref_top), order, kv, g_kl
 
-    def step(carry):
-        t, ref_logits, ref_cache, value_cache, value_out, out, done = carry
-        active = ~done
-        guide_now = active & (t < switch_time)
+    def step(self, m: _Models, t, active, guide_now, guide_next, row_keys) -> tuple[_Models, _Sampled]:
+        """Sample every row's next token and append it to both caches.
+
+        Args:
+          t: int32 ``[B]``, tokens each row has generated (the step's key is ``fold_in(row_key, t)``);
+          active: bool ``[B]``, rows still decoding (the others append padding); guide_now:
+          ``[B]`` rows guided at this token; guide_next: ``[B]`` rows guided at the next one (a
+          Q-type model's cache is only advanced while some row needs it); row_keys: ``[B]``.
+        """
+        spec, ref, value = self.spec, self.ref, self.value
+        ref_logits = m.ref_logits
+        batch = ref_logits.shape[0]
         ref_lse = jax.nn.logsumexp(ref_logits, axis=-1)
         g_kl = jnp.zeros((batch,), jnp.float32)
-        if v_type or (spec.guidance is not None and spec.top_k is not None):
-            log_policy, ids, ref_at_ids, order, kv, g_kl = candidates(ref_logits, ref_cache, value_cache, value_out,
-                                                                      guide_now)
+        order = kv = None
+        if self.v_type or (spec.guidance is not None and spec.top_k is not None):
+            log_policy, ids, ref_at_ids, order, kv, g_kl = self.candidates(m, guide_now)
         else:
             policy_logits = ref_logits
             if spec.guidance is not None:  # Q-type without top_k: every token guided
-                policy_logits = jnp.where(guide_now[:, None], ref_logits + offsets_of(value_out), ref_logits)
+                policy_logits = jnp.where(guide_now[:, None], ref_logits + self.offsets_of(m.value_out), ref_logits)
                 log_g = jax.nn.log_softmax(policy_logits, axis=-1)
                 g_kl = jnp.sum(jnp.exp(log_g) * (log_g - jax.nn.log_softmax(ref_logits, axis=-1)), axis=-1)
             log_policy, ids = truncate(policy_logits, temperature=spec.temperature, top_k=spec.top_k,
                                        top_p=spec.top_p)
             ref_at_ids = jnp.take_along_axis(ref_logits, ids, axis=-1)
         choice, token, logprob, ref_logprob, kl = _draw(
-            log_policy, ids, ref_at_ids, ref_lse, jax.vmap(lambda k: jax.random.fold_in(k, t))(row_keys)
+            log_policy, ids, ref_at_ids, ref_lse, jax.vmap(jax.random.fold_in)(row_keys, t)
         )
         token = jnp.where(active, token, spec.pad_id)
-        out = {
-            "tokens": out["tokens"].at[:, t].set(token),
-            "mask": out["mask"].at[:, t].set(active),
-            "logprobs": out["logprobs"].at[:, t].set(jnp.where(active, logprob, 0.0)),
-            "ref_logprobs": out["ref_logprobs"].at[:, t].set(jnp.where(active, ref_logprob, 0.0)),
-            "kl": out["kl"] + jnp.where(active, kl, 0.0),
-            "guidance_kl": out["guidance_kl"] + jnp.where(guide_now, g_kl, 0.0),
-            "finite": out["finite"] & ~(active & jnp.any(jnp.isnan(log_policy), axis=-1)),
-        }
-        if spec.eos_id is not None:
-            done = done | (token == spec.eos_id)
-        ref_logits, ref_cache = ref.extend(token[:, None], ref_cache, active[:, None])
-        ref_logits = ref_logits[:, 0]
-        if v_type:
+        sampled = _Sampled(token=token, logprob=logprob, ref_logprob=ref_logprob, kl=kl,
+                           guidance_kl=jnp.where(guide_now, g_kl, 0.0),
+                           bad=active & jnp.any(jnp.isnan(log_policy), axis=-1))
+        ref_logits, ref_cache = ref.extend(token[:, None], m.ref_cache, active[:, None])
+        value_cache, value_out = m.value_cache, m.value_out
+        if self.v_type:
             # the chosen candidate's keys/values are already computed: no second forward
             chosen = choice if order is None else jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
             value_cache = value.commit_candidate(value_cache, kv, chosen, active)
@@ -420,27 +520,140 @@ def _generate(ref_graph, ref_state, value_graph, value_state, prompt_ids, prompt
                 out_, cache_ = value.extend(token[:, None], value_cache, active[:, None])
                 return out_[:, 0], cache_
 
-            value_out, value_cache = jax.lax.cond(
-                jnp.any(active & (t + 1 < switch_time)), advance, lambda: (value_out, value_cache)
-            )
-        return t + 1, ref_logits, ref_cache, value_cache, value_out, out, done
+            value_out, value_cache = jax.lax.cond(jnp.any(guide_next), advance, lambda: (value_out, value_cache))
+        return _Models(ref_logits[:, 0], ref_cache, value_cache, value_out), sampled
 
-    def cond(carry):
-        t, *_, done = carry
-        return (t < n) & ~jnp.all(done)
 
-    out = {
-        "tokens": jnp.full((batch, n), spec.pad_id, jnp.int32),
-        "mask": jnp.zeros((batch, n), bool),
-        "logprobs": jnp.zeros((batch, n), jnp.float32),
-        "ref_logprobs": jnp.zeros((batch, n), jnp.float32),
-        "kl": jnp.zeros((batch,), jnp.float32),
-        "guidance_kl": jnp.zeros((batch,), jnp.float32),
-        "finite": jnp.ones((batch,), bool),
+def _empty_out(rows: int, n: int, pad_id: int) -> dict[str, jax.Array]:
+    return {
+        "tokens": jnp.full((rows, n), pad_id, jnp.int32),
+        "mask": jnp.zeros((rows, n), bool),
+        "logprobs": jnp.zeros((rows, n), jnp.float32),
+        "ref_logprobs": jnp.zeros((rows, n), jnp.float32),
+        "kl": jnp.zeros((rows,), jnp.float32),
+        "guidance_kl": jnp.zeros((rows,), jnp.float32),
+        "finite": jnp.ones((rows,), bool),
     }
-    carry = (jnp.int32(0), ref_logits, ref_cache, value_cache, value_out, out, jnp.zeros((batch,), bool))
-    *_, out, _ = jax.lax.while_loop(cond, step, carry)
+
+
+def _record(out: dict, rows: jax.Array, t: jax.Array, x: _Sampled, active: jax.Array) -> dict:
+    """``out`` with step ``t [B]`` of the slots decoding ``rows [B]`` written (rows out of range: dropped)."""
+    at = dict(mode="drop")
+    return {
+        "tokens": out["tokens"].at[rows, t].set(x.token, **at),
+        "mask": out["mask"].at[rows, t].set(active, **at),
+        "logprobs": out["logprobs"].at[rows, t].set(jnp.where(active, x.logprob, 0.0), **at),
+        "ref_logprobs": out["ref_logprobs"].at[rows, t].set(jnp.where(active, x.ref_logprob, 0.0), **at),
+        "kl": out["kl"].at[rows].add(jnp.where(active, x.kl, 0.0), **at),
+        "guidance_kl": out["guidance_kl"].at[rows].add(x.guidance_kl, **at),
+        "finite": out["finite"].at[rows].set(out["finite"].at[rows].get(mode="fill", fill_value=True) & ~x.bad, **at),
+    }
+
+
+def _rollout(out: dict) -> Rollout:
     return Rollout(lengths=jnp.sum(out["mask"], axis=1, dtype=jnp.int32), **out)
+
+
+@struct.dataclass
+class _StaticState:
+    """The static loop's carry: every row starts together and the batch decodes until all ended."""
+
+    t: jax.Array  # int32 []: tokens generated so far (every row)
+    models: _Models
+    out: dict  # the Rollout fields being written, [B, N] / [B]
+    done: jax.Array  # bool [B]: the row emitted EOS
+
+
+@functools.partial(jax.jit, static_argnames=("ref_graph", "value_graph", "spec"))
+def _generate(ref_graph, ref_state, value_graph, value_state, prompt_ids, prompt_mask, key, row_ids, switch_time,
+              eta, atoms, *, spec: _Spec) -> Rollout:
+    dec = _Decoder(nnx.merge(ref_graph, ref_state),
+                   nnx.merge(value_graph, value_state) if value_graph is not None else None, spec, eta, atoms)
+    batch, n = prompt_ids.shape[0], spec.max_new_tokens
+    row_keys = jax.vmap(lambda row: jax.random.fold_in(key, row))(row_ids)  # constant over the loop
+    rows = jnp.arange(batch)
+
+    def step(s: _StaticState) -> _StaticState:
+        active = ~s.done
+        t = jnp.broadcast_to(s.t, (batch,))
+        models, x = dec.step(s.models, t, active, active & (t < switch_time), active & (t + 1 < switch_time),
+                             row_keys)
+        done = s.done | (x.token == spec.eos_id) if spec.eos_id is not None else s.done
+        return _StaticState(t=s.t + 1, models=models, out=_record(s.out, rows, t, x, active), done=done)
+
+    def cond(s: _StaticState):
+        return (s.t < n) & ~jnp.all(s.done)
+
+    start = _StaticState(t=jnp.int32(0), models=dec.prefill(prompt_ids, prompt_mask, spec.cache_len),
+                         out=_empty_out(batch, n, spec.pad_id), done=jnp.zeros((batch,), bool))
+    return _rollout(jax.lax.while_loop(cond, step, start).out)
+
+
+@struct.dataclass
+class _QueueState:
+    """The continuous loop's carry: ``slots`` rows decode at once; a slot whose row ended takes the
+    next rows of the queue (in refills of ``spec.refill`` slots)."""
+
+    t: jax.Array  # int32 [slots]: tokens the slot's row has generated
+    row: jax.Array  # int32 [slots]: the queue row the slot decodes (meaningless where free)
+    free: jax.Array  # bool [slots]: the slot's row ended (EOS or max_new_tokens), or it never had one
+    head: jax.Array  # int32 []: the next queue row to start
+    models: _Models  # ring caches, one row per slot
+    out: dict  # the Rollout fields of every queue row, [Q, N] / [Q]
+
+
+@functools.partial(jax.jit, static_argnames=("ref_graph", "value_graph", "spec"))
+def _generate_continuous(ref_graph, ref_state, value_graph, value_state, prompt_ids, prompt_mask, key, row_ids,
+                         switch_time, eta, atoms, *, spec: _Spec) -> Rollout:
+    dec = _Decoder(nnx.merge(ref_graph, ref_state),
+                   nnx.merge(value_graph, value_state) if value_graph is not None else None, spec, eta, atoms)
+    queue, n, slots, refill = prompt_ids.shape[0], spec.max_new_tokens, spec.slots, spec.refill
+    keys = jax.vmap(lambda row: jax.random.fold_in(key, row))(row_ids)  # [Q]: each queue row's draws
+    ring = lambda c: None if c is None else c.replace(ring=True)  # noqa: E731
+
+    def refill_slots(s: _QueueState) -> _QueueState:
+        """Prefill the next ``take`` queue rows into the first ``take`` free slots (the rest of the
+        ``refill`` prefilled rows are dropped: a static shape)."""
+        take = jnp.minimum(refill, queue - s.head)
+        slot = jnp.argsort(~s.free, stable=True)[:refill].astype(jnp.int32)  # free slots first, in order
+        real = jnp.arange(refill) < take
+        rows = jnp.minimum(s.head + jnp.arange(refill), queue - 1)
+        fresh = dec.prefill(prompt_ids[rows], prompt_mask[rows], prompt_ids.shape[1])
+        into = jnp.where(real, slot, slots)  # out of range: dropped
+        put = lambda old, new: old.at[into].set(new, mode="drop")  # noqa: E731
+        m = s.models
+        models = _Models(
+            ref_logits=put(m.ref_logits, fresh.ref_logits),
+            ref_cache=cache_lib.refill(m.ref_cache, fresh.ref_cache, into),
+            value_cache=None if m.value_cache is None else cache_lib.refill(m.value_cache, fresh.value_cache, into),
+            value_out=None if m.value_out is None else put(m.value_out, fresh.value_out),
+        )
+        return s.replace(t=put(s.t, jnp.zeros((refill,), jnp.int32)), row=put(s.row, rows),
+                         free=put(s.free, jnp.zeros((refill,), bool)), head=s.head + take, models=models)
+
+    def step(s: _QueueState) -> _QueueState:
+        waiting = queue - s.head
+        s = jax.lax.cond((waiting > 0) & (jnp.sum(s.free) >= jnp.minimum(refill, waiting)), refill_slots,
+                         lambda s: s, s)
+        active = ~s.free
+        switch = switch_time[s.row]
+        models, x = dec.step(s.models, s.t, active, active & (s.t < switch), active & (s.t + 1 < switch),
+                             keys[s.row])
+        out = _record(s.out, jnp.where(active, s.row, queue), s.t, x, active)
+        t = s.t + active
+        ended = (t >= n) | (x.token == spec.eos_id) if spec.eos_id is not None else t >= n
+        return s.replace(t=t, free=s.free | (active & ended), models=models, out=out)
+
+    def cond(s: _QueueState):
+        return (s.head < queue) | ~jnp.all(s.free)
+
+    first = jnp.minimum(jnp.arange(slots), queue - 1)  # the first slots' rows, prefilled together
+    models = dec.prefill(prompt_ids[first], prompt_mask[first], spec.cache_len)
+    models = models.replace(ref_cache=ring(models.ref_cache), value_cache=ring(models.value_cache))
+    start = _QueueState(t=jnp.zeros((slots,), jnp.int32), row=first.astype(jnp.int32),
+                        free=jnp.arange(slots) >= queue, head=jnp.minimum(slots, queue).astype(jnp.int32),
+                        models=models, out=_empty_out(queue, n, spec.pad_id))
+    return _rollout(jax.lax.while_loop(cond, step, start).out)
 
 
 def _prompts_of(rows: np.ndarray, local: np.ndarray | None, have: np.ndarray, ids: np.ndarray, mask: np.ndarray):

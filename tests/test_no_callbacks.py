@@ -28,10 +28,11 @@ def callbacks_in(jaxpr) -> list[str]:
     return [line.strip() for line in str(jaxpr).splitlines() if "callback" in line]
 
 
-def compiled_loop(jaxpr):
-    """The jaxpr of the jitted ``rollout._generate`` inside a traced ``generate`` call (the checks
-    at the public boundary around it run on concrete values, outside it)."""
-    inner = [e.params["jaxpr"] for e in jaxpr.jaxpr.eqns if e.params.get("name") == "_generate"]
+def compiled_loop(jaxpr, name: str = "_generate"):
+    """The jaxpr of the jitted ``rollout._generate`` (continuous batching: ``_generate_continuous``)
+    inside a traced ``generate`` call (the checks at the public boundary around it run on concrete
+    values, outside it)."""
+    inner = [e.params["jaxpr"] for e in jaxpr.jaxpr.eqns if e.params.get("name") == name]
     assert len(inner) == 1
     return inner[0]
 
@@ -40,15 +41,17 @@ def compiled_loop(jaxpr):
     (None, None, False), ("qsharp", "categorical", False), ("cd", "categorical", False),
     ("qsharp", "categorical", True), ("bernoulli", "bernoulli", False), ("bernoulli", "bernoulli", True),
 ])
-def test_decoding_loop_has_no_callback(guidance, kind, q_type):
+@pytest.mark.parametrize("continuous", [False, True])
+def test_decoding_loop_has_no_callback(guidance, kind, q_type, continuous):
     ref = Transformer(CFG, rngs=nnx.Rngs(0))
     value = None if guidance is None else ValueModel(CFG, HeadConfig(kind, 5, q_type=q_type), rngs=nnx.Rngs(1))
     ids, mask = jnp.ones((2, 3), jnp.int32), jnp.ones((2, 3), bool)
     switch = jnp.array([1, 3])
+    batching = dict(slots=1, refill=1) if continuous else {}
     jaxpr = jax.make_jaxpr(lambda: generate(
         ref, ids, mask, key=jax.random.key(0), max_new_tokens=3, value_model=value, guidance=guidance, eta=0.1,
-        top_k=4, top_p=0.9, temperature=0.7, switch_time=switch, eos_id=7))()
-    loop = compiled_loop(jaxpr)
+        top_k=4, top_p=0.9, temperature=0.7, switch_time=switch, eos_id=7, **batching))()
+    loop = compiled_loop(jaxpr, "_generate_continuous" if continuous else "_generate")
     assert "while" in str(loop)  # the loop itself was traced
     assert callbacks_in(loop) == []
 

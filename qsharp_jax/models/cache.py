@@ -25,6 +25,11 @@ class KVCache:
       recent: int32 ``[batch, n]``, the last n real tokens, oldest first (−1: none yet), for a
         model with ``token_shift = n`` (``[batch, 0]`` otherwise): what the next token's
         token-shift embedding reads.
+      ring: static. False: slots fill left to right and a write past ``max_len`` is an overflow.
+        True (continuous batching): one token per call, written at slot ``index % max_len``; every
+        slot whose ``kv_mask`` is True is attended to (slot order does not matter: positions are
+        per slot), so a sequence may wrap around as long as it never spans more than ``max_len``
+        slots, and a row may be refilled with a new sequence (:func:`refill`) at any step.
     """
 
     k: tuple[jax.Array, ...]
@@ -34,6 +39,7 @@ class KVCache:
     positions: jax.Array
     index: jax.Array
     recent: jax.Array
+    ring: bool = struct.field(pytree_node=False, default=False)
 
     @property
     def max_len(self) -> int:
@@ -53,3 +59,28 @@ class KVCache:
             index=jnp.zeros((), jnp.int32),
             recent=jnp.full((batch, token_shift), -1, jnp.int32),
         )
+
+
+def refill(cache: KVCache, fresh: KVCache, rows: jax.Array) -> KVCache:
+    """A ring ``cache`` whose rows ``rows [R]`` hold ``fresh``'s R sequences instead of theirs.
+
+    ``fresh`` is a prefill of R prompts into its own (non-ring) cache of P slots; its slots go to
+    the P ring slots before ``cache.index`` (wrapping), the rows' other slots are masked out, and
+    their positions and token-shift history become the prompts'. A row index ``>= batch`` is
+    skipped (a refill of fewer than R rows). The next token of those rows is written at
+    ``cache.index`` like every other row's, so a sequence of P + N tokens spans P + N slots.
+    """
+    slots, p = cache.max_len, fresh.max_len
+    arc = (cache.index - p + jnp.arange(p)) % slots  # [P]
+    rows_col = rows[:, None]
+    put = lambda old, new: old.at[rows_col, :, arc[None, :], :].set(  # noqa: E731
+        jnp.swapaxes(new, 1, 2).astype(old.dtype), mode="drop")  # new [R, K, P, D] -> indexed [R, P, K, D]
+    kv_mask = jnp.zeros((rows.shape[0], slots), bool).at[:, arc].set(fresh.kv_mask)
+    return cache.replace(
+        k=tuple(put(o, n) for o, n in zip(cache.k, fresh.k)),
+        v=tuple(put(o, n) for o, n in zip(cache.v, fresh.v)),
+        kv_mask=cache.kv_mask.at[rows].set(kv_mask, mode="drop"),
+        kv_positions=cache.kv_positions.at[rows_col, arc[None, :]].set(fresh.kv_positions, mode="drop"),
+        positions=cache.positions.at[rows].set(fresh.positions, mode="drop"),
+        recent=cache.recent.at[rows].set(fresh.recent, mode="drop"),
+    )

@@ -402,17 +402,21 @@ class Transformer(nnx.Module):
         if t > slots:
             raise ValueError(f"{t} new tokens do not fit a cache of max_len={slots}")
         _validate.check_value(
-            lambda i: (i + t > slots, i),
+            lambda i: (~cache.ring & (i + t > slots), i),
             f"cache overflow: writing {t} tokens at slot {{}} of a cache with max_len={slots}",
             cache.index,
             at_runtime=False,  # a host callback per decoded token is too dear; NaN marks it below
         )
-        idx = cache.index
+        if cache.ring and t != 1:
+            raise ValueError(f"a ring cache takes one token per call (decoding), got {t}; prefill into a fresh "
+                             "cache and move it in with cache.refill")
+        idx = cache.index % slots if cache.ring else cache.index
         positions = cache.positions[:, None] + jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
         kv_mask = jax.lax.dynamic_update_slice(cache.kv_mask, mask, (0, idx))
         kv_positions = jax.lax.dynamic_update_slice(cache.kv_positions, positions.astype(jnp.int32), (0, idx))
-        query_slots = idx + jnp.arange(t)
-        allowed = kv_mask[:, None, :] & (jnp.arange(slots)[None, None, :] <= query_slots[None, :, None])
+        allowed = kv_mask[:, None, :]
+        if not cache.ring:  # slots fill in order: causal by slot (a ring holds only the past and this token)
+            allowed = allowed & (jnp.arange(slots)[None, None, :] <= (idx + jnp.arange(t))[None, :, None])
         allowed &= self._window(positions, kv_positions)
 
         def attend(q, k, v, layer_cache):
@@ -423,10 +427,11 @@ class Transformer(nnx.Module):
 
         back, recent = self._shift_back(input_ids, mask, cache.recent)
         x, (new_k, new_v) = self._run(input_ids, positions, attend, (cache.k, cache.v), back)
-        x = jnp.where(idx + t > slots, jnp.nan, x)
+        if not cache.ring:
+            x = jnp.where(idx + t > slots, jnp.nan, x)
         cache = cache.replace(
             k=new_k, v=new_v, kv_mask=kv_mask, kv_positions=kv_positions,
-            positions=cache.positions + jnp.sum(mask, axis=1, dtype=jnp.int32), index=idx + t, recent=recent,
+            positions=cache.positions + jnp.sum(mask, axis=1, dtype=jnp.int32), index=cache.index + t, recent=recent,
         )
         return x, cache
 
@@ -572,7 +577,7 @@ class Transformer(nnx.Module):
         """
         batch = choice.shape[0]
         active = jnp.ones((batch,), bool) if active is None else active
-        idx = cache.index
+        idx = cache.index % cache.max_len if cache.ring else cache.index
         pick = lambda x: jnp.take_along_axis(x, choice[:, None, None, None], axis=2)  # noqa: E731
         k = tuple(jax.lax.dynamic_update_slice(c, pick(n), (0, 0, idx, 0)) for c, n in zip(cache.k, candidate_kv[0]))
         v = tuple(jax.lax.dynamic_update_slice(c, pick(n), (0, 0, idx, 0)) for c, n in zip(cache.v, candidate_kv[1]))
@@ -585,7 +590,7 @@ class Transformer(nnx.Module):
             kv_mask=jax.lax.dynamic_update_slice(cache.kv_mask, active[:, None], (0, idx)),
             kv_positions=jax.lax.dynamic_update_slice(cache.kv_positions, cache.positions[:, None], (0, idx)),
             positions=cache.positions + active.astype(jnp.int32),
-            index=idx + 1, recent=recent,
+            index=cache.index + 1, recent=recent,
         )
 
     def logits(self, hidden: jax.Array) -> jax.Array:
@@ -622,7 +627,9 @@ class Transformer(nnx.Module):
 
     def _cached_keys(self, cache: KVCache, positions: jax.Array) -> jax.Array:
         """bool ``[B, T or 1, S]``: the cache slots that queries at ``positions [B, T]`` attend to."""
-        past = cache.kv_mask & (jnp.arange(cache.max_len)[None, :] < cache.index)
+        past = cache.kv_mask  # a ring's unwritten and stale slots are masked out
+        if not cache.ring:
+            past = past & (jnp.arange(cache.max_len)[None, :] < cache.index)
         return past[:, None, :] & self._window(positions, cache.kv_positions)
 
     def _no_recent(self, batch: int) -> jax.Array:
