@@ -50,6 +50,7 @@ from qsharp_jax.models.transformer import Transformer
 from qsharp_jax.models.value import ValueModel, check_compatible
 
 Guidance = Literal["qsharp", "cd", "bernoulli"]
+PER_ROW = ("switch_time", "max_lengths")  # generate's per-row arguments, which generate_chunked splits with the rows
 
 
 @struct.dataclass
@@ -123,6 +124,7 @@ def generate(
     samples_per_prompt: int = 1,
     slots: int | None = None,
     refill: int | None = None,
+    max_lengths: jax.Array | None = None,
 ) -> Rollout:
     """Sample ``max_new_tokens`` tokens after left-padded prompts, plain or value-guided.
 
@@ -168,6 +170,8 @@ def generate(
         rounding. The caches are rings of ``cache_len`` slots; a multiple of S.
       refill: rows prefilled per refill (a multiple of S, at most ``slots``); default about a
         quarter of the slots. Smaller: slots wait less for company, more prefill calls.
+      max_lengths: int ``[B]`` in [1, max_new_tokens]: row b ends after ``max_lengths[b]`` tokens
+        if it has not emitted EOS (a per-row budget); None: ``max_new_tokens`` for every row.
     """
     prompt_ids, prompt_mask = jnp.asarray(prompt_ids), jnp.asarray(prompt_mask).astype(bool)
     chex.assert_rank(prompt_ids, 2, custom_message="prompt_ids must be [batch, prompt_len]")
@@ -237,6 +241,14 @@ def generate(
         switch_time = jnp.full((batch,), max_new_tokens, jnp.int32)
     switch_time = jnp.asarray(switch_time, jnp.int32)
     chex.assert_shape(switch_time, (batch,), custom_message="switch_time must be [batch]")
+    if max_lengths is None:
+        max_lengths = jnp.full((batch,), max_new_tokens, jnp.int32)
+    max_lengths = jnp.asarray(max_lengths, jnp.int32)
+    chex.assert_shape(max_lengths, (batch,), custom_message="max_lengths must be [batch]")
+    _validate.check_value(
+        lambda m: (jnp.any((m < 1) | (m > max_new_tokens)), jnp.min(m), jnp.max(m)),
+        f"max_lengths must be in [1, max_new_tokens={max_new_tokens}], got values from {{}} to {{}}", max_lengths,
+    )
     row_ids = jnp.arange(batch, dtype=jnp.int32) if row_ids is None else jnp.asarray(row_ids, jnp.int32)
     chex.assert_shape(row_ids, (batch,), custom_message="row_ids must be [batch]")
 
@@ -252,7 +264,8 @@ def generate(
     loop = _generate if slots is None else _generate_continuous
     return loop(
         ref_graph, ref_state, value_graph, value_state, prompt_ids.astype(jnp.int32), prompt_mask, key, row_ids,
-        switch_time, jnp.asarray(eta, jnp.float32), None if atoms is None else jnp.asarray(atoms), spec=spec,
+        switch_time, max_lengths, jnp.asarray(eta, jnp.float32), None if atoms is None else jnp.asarray(atoms),
+        spec=spec,
     )
 
 
@@ -566,7 +579,7 @@ class _StaticState:
 
 @functools.partial(jax.jit, static_argnames=("ref_graph", "value_graph", "spec"))
 def _generate(ref_graph, ref_state, value_graph, value_state, prompt_ids, prompt_mask, key, row_ids, switch_time,
-              eta, atoms, *, spec: _Spec) -> Rollout:
+              max_lengths, eta, atoms, *, spec: _Spec) -> Rollout:
     dec = _Decoder(nnx.merge(ref_graph, ref_state),
                    nnx.merge(value_graph, value_state) if value_graph is not None else None, spec, eta, atoms)
     batch, n = prompt_ids.shape[0], spec.max_new_tokens
@@ -578,7 +591,8 @@ def _generate(ref_graph, ref_state, value_graph, value_state, prompt_ids, prompt
         t = jnp.broadcast_to(s.t, (batch,))
         models, x = dec.step(s.models, t, active, active & (t < switch_time), active & (t + 1 < switch_time),
                              row_keys)
-        done = s.done | (x.token == spec.eos_id) if spec.eos_id is not None else s.done
+        done = s.done | (t + 1 >= max_lengths)
+        done = done | (x.token == spec.eos_id) if spec.eos_id is not None else done
         return _StaticState(t=s.t + 1, models=models, out=_record(s.out, rows, t, x, active), done=done)
 
     def cond(s: _StaticState):
@@ -604,7 +618,7 @@ class _QueueState:
 
 @functools.partial(jax.jit, static_argnames=("ref_graph", "value_graph", "spec"))
 def _generate_continuous(ref_graph, ref_state, value_graph, value_state, prompt_ids, prompt_mask, key, row_ids,
-                         switch_time, eta, atoms, *, spec: _Spec) -> Rollout:
+                         switch_time, max_lengths, eta, atoms, *, spec: _Spec) -> Rollout:
     dec = _Decoder(nnx.merge(ref_graph, ref_state),
                    nnx.merge(value_graph, value_state) if value_graph is not None else None, spec, eta, atoms)
     queue, n, slots, refill = prompt_ids.shape[0], spec.max_new_tokens, spec.slots, spec.refill
@@ -641,7 +655,8 @@ def _generate_continuous(ref_graph, ref_state, value_graph, value_state, prompt_
                              keys[s.row])
         out = _record(s.out, jnp.where(active, s.row, queue), s.t, x, active)
         t = s.t + active
-        ended = (t >= n) | (x.token == spec.eos_id) if spec.eos_id is not None else t >= n
+        ended = t >= max_lengths[s.row]
+        ended = ended | (x.token == spec.eos_id) if spec.eos_id is not None else ended
         return s.replace(t=t, free=s.free | (active & ended), models=models, out=out)
 
     def cond(s: _QueueState):
@@ -757,7 +772,8 @@ def generate_chunked(
 
     ``total_rows``: the prompts are this process's slice of ``total_rows`` rows, the rows
     :func:`process_rows` names (each host of a pod makes only the prompts it decodes); None: every
-    row. ``kwargs``: of :func:`generate` (``switch_time``: per row, every row, chunked with them).
+    row. ``kwargs``: of :func:`generate` (``switch_time``, ``max_lengths``: per row, every row,
+    chunked with them).
 
     Raises FloatingPointError (naming ``name`` and the rows) where the guidance was not finite.
     """
@@ -788,12 +804,13 @@ def generate_chunked(
         pending = None
         for start in starts:
             rows = plan.rows(start)
-            chunk = {k: (np.asarray(v)[rows] if k == "switch_time" and v is not None else v) for k, v in kwargs.items()}
+            chunk = {k: (np.asarray(v)[rows] if k in PER_ROW and v is not None else v) for k, v in kwargs.items()}
             (ids, mask), row_ids = _prompts_of(rows, local, have, prompt_ids, prompt_mask), rows.astype(np.int32)
             if rows_of:  # each device (on a pod: each host) holds only its rows
                 ids, mask, row_ids = (sharding_lib.put(x, rows_of[x.ndim]) for x in (ids, mask, row_ids))
-                if chunk.get("switch_time") is not None:
-                    chunk["switch_time"] = sharding_lib.put(chunk["switch_time"].astype(np.int32), rows_of[1])
+                for k in PER_ROW:
+                    if chunk.get(k) is not None:
+                        chunk[k] = sharding_lib.put(chunk[k].astype(np.int32), rows_of[1])
             out = generate(ref_model, ids, mask, key=key, row_ids=row_ids, **chunk)
             if pending is not None:
                 finish(*pending, pool)

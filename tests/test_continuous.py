@@ -52,7 +52,7 @@ def test_continuous_rows_equal_the_static_loop(ref, setting):
     switch = np.random.default_rng(2).integers(0, 10, n)
     if setting == "v_type":
         kwargs.update(value_model=ValueModel(CFG, HeadConfig("categorical", 7), rngs=nnx.Rngs(1)), guidance="qsharp",
-                      eta=0.3, switch_time=switch, top_p=0.9)
+                      eta=0.3, switch_time=switch, top_p=0.9, max_lengths=np.random.default_rng(3).integers(1, 10, n))
     elif setting == "q_type":
         kwargs.update(value_model=ValueModel(CFG, HeadConfig("categorical", 7, q_type=True), rngs=nnx.Rngs(2)),
                       guidance="cd", eta=0.3, switch_time=switch)
@@ -65,6 +65,10 @@ def test_continuous_rows_equal_the_static_loop(ref, setting):
                       eta=0.2)
     static = generate(ref, ids, mask, **kwargs)
     lengths = np.asarray(static.lengths)
+    if "max_lengths" in kwargs:  # a row's budget ends it unless EOS came first
+        unlimited = np.asarray(generate(ref, ids, mask, **{**kwargs, "max_lengths": None}).lengths)
+        np.testing.assert_array_equal(lengths, np.minimum(unlimited, kwargs["max_lengths"]))
+        assert np.any(lengths < unlimited)
     assert 1 < lengths.min() < lengths.max() == 9 or lengths.min() == 1  # rows of several lengths
     assert len(set(lengths.tolist())) >= 3
     for extra in (dict(slots=8, refill=2), dict(slots=6, refill=6), dict(slots=4, refill=2, samples_per_prompt=2),
@@ -161,6 +165,8 @@ def test_bad_batching_inputs(ref):
         (dict(samples_per_prompt=3), "8 rows are not groups of samples_per_prompt=3"),
         (dict(samples_per_prompt=4), "the rows of a group are not copies of one prompt"),
         (dict(samples_per_prompt=0), "samples_per_prompt must be an int >= 1"),
+        (dict(max_lengths=np.array([1, 2, 3, 4, 5, 1, 1, 1])), r"max_lengths must be in \[1, max_new_tokens=4\], got "
+                                                                 "values from 1 to 5"),
     ]
     for extra, message in cases:
         with pytest.raises(ValueError, match=message):
