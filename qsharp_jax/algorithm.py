@@ -73,12 +73,18 @@ class AlgorithmConfig:
       epochs: passes over all data aggregated so far, per iteration.
       batch_size: examples per optimizer step (packed sequences with ``pack_length``).
       pack_length: tokens per packed sequence of the fit: rows are packed end to end, each kept to
-        itself (:mod:`qsharp_jax.packing`), so steps train on no padding; at least the longest
-        prompt + response. 0: one padded row per example. Not with ``categorical_bellman``.
+        itself (:mod:`qsharp_jax.packing`), so steps train on no padding; for a V-type value model
+        the samples of a prompt share its tokens (encoded once). At least the longest prompt +
+        response. 0: one padded row per example. Not with ``categorical_bellman``.
       warm_start: keep fitting one value model (False: re-initialize it every iteration).
       drop_no_variation: fit only prompts whose samples got different rewards.
       seed: every draw is keyed by (seed, iteration, row).
       keep_checkpoints: how many of the newest checkpoints to keep (>= 1).
+      rollout_slots: continuous batching: each call's ``rollout_batch`` rows queue for this many
+        decoding slots, a finished row's slot taking the next row inside the compiled loop (the
+        same tokens as the static loop, less time on rows of uneven length); 0: each call decodes
+        its rows together until the longest ends. A multiple of ``samples_per_prompt`` shares
+        each prompt's prefill among its samples.
       rollout_batch: rows per ``rollout.generate`` call; lower it when rollouts run out of memory
         (the KV caches of π_ref and the value model, k candidates per row with V-type guidance,
         (lookahead − 1 + k)·k more tokens per row with ``lookahead``).
@@ -104,6 +110,7 @@ class AlgorithmConfig:
     seed: int = 0
     keep_checkpoints: int = 2
     rollout_batch: int = 4096
+    rollout_slots: int = 0
     optimizer: OptimizerConfig = OptimizerConfig(learning_rate=1e-3, weight_decay=0.0)
 
     def __post_init__(self):
@@ -127,6 +134,8 @@ class AlgorithmConfig:
             raise ValueError(f"algorithm.guidance must be qsharp, cd or bernoulli, got {self.guidance!r}")
         if self.loss not in objectives.HEAD_OF_LOSS:
             raise ValueError(f"algorithm.loss must be one of {', '.join(objectives.HEAD_OF_LOSS)}, got {self.loss!r}")
+        if self.rollout_slots < 0:
+            raise ValueError(f"algorithm.rollout_slots must be >= 0 (0: the static loop), got {self.rollout_slots}")
         if self.pack_length < 0:
             raise ValueError(f"algorithm.pack_length must be >= 0 (0: no packing), got {self.pack_length}")
         if self.pack_length and self.loss == "categorical_bellman":
@@ -135,10 +144,10 @@ class AlgorithmConfig:
 
 
 # Fields that may change when a run is resumed: more `iterations` extend it; `keep_checkpoints`
-# changes nothing computed; `rollout_batch` changes no token (every row draws from its own key,
-# whatever chunk it is generated in) — only the last float bits of log-probs and KL, which XLA
-# rounds differently for another batch size.
-RESUMABLE_FIELDS = ("iterations", "keep_checkpoints", "rollout_batch")
+# changes nothing computed; `rollout_batch` and `rollout_slots` change no token (every row draws
+# from its own key, whatever chunk or slot it is generated in) — only the last float bits of
+# log-probs and KL, which XLA rounds differently for another batch size.
+RESUMABLE_FIELDS = ("iterations", "keep_checkpoints", "rollout_batch", "rollout_slots")
 
 
 def check_setup(cfg: AlgorithmConfig, task: Task, ref: Transformer, value: ValueModel) -> None:
@@ -268,7 +277,8 @@ def _run(cfg: AlgorithmConfig, task: Task, ref: Transformer, value: ValueModel, 
             distributed.on_main(f"collect/{iteration}/stored", lambda: store.append(iteration, records))
         if not cfg.warm_start:  # a copy: the train epoch donates (consumes) its input state
             state = jax.tree.map(jnp.copy, fresh)
-        state, fitted = _fit(cfg, state, train_epoch, store.load(), iteration, progress, extra)
+        state, fitted = _fit(cfg, state, train_epoch, store.load(), iteration, progress, extra,
+                             share_prompts=not value.head_cfg.q_type)
         metrics = _strict({"iteration": iteration, "examples": len(store), **fitted,
                            **evaluate(cfg, task, ref, state, iteration),
                            **(diagnostics(state.model(), iteration) if diagnostics else {})})
@@ -317,9 +327,11 @@ def sampling_settings(cfg: AlgorithmConfig, task: Task) -> dict[str, Any]:
 
 def _generate(cfg: AlgorithmConfig, ref: Transformer, prompts, mask, key: jax.Array, *, failpoint: str,
               score=None, **kwargs):
-    """:func:`rollout.generate_chunked` in chunks of ``cfg.rollout_batch`` rows."""
+    """:func:`rollout.generate_chunked` in chunks of ``cfg.rollout_batch`` rows (continuous with
+    ``cfg.rollout_slots``)."""
+    slots = {"slots": cfg.rollout_slots} if cfg.rollout_slots else {}
     return rollout.generate_chunked(ref, prompts, mask, key=key, batch=cfg.rollout_batch, name=failpoint, score=score,
-                                    **kwargs)
+                                    **slots, **kwargs)
 
 
 def guidance_args(cfg: AlgorithmConfig, state: TrainState) -> dict[str, Any]:
@@ -339,6 +351,7 @@ def _collect(cfg: AlgorithmConfig, task: Task, ref: Transformer, state: TrainSta
     guided = {} if iteration == 0 else guidance_args(cfg, state)  # iteration 0 rolls in with π_ref
     out, rewards = _generate(cfg, ref, prompts, mask, jax.random.fold_in(jax.random.key(cfg.seed), iteration),
                              failpoint=f"collect/{iteration}", switch_time=switch.astype(np.int32), total_rows=n,
+                             samples_per_prompt=k,
                              score=_scorer(task, prompts, mine), **sampling_settings(cfg, task), **guided)
     if jax.process_count() > 1:  # the store (written by process 0) holds every row's prompt; every process joins
         prompts, mask = (rollout.gather_rows(x, mine, n) for x in (prompts, mask))
@@ -357,7 +370,7 @@ def _scorer(task: Task, prompts: np.ndarray, rows_held: np.ndarray | None = None
 
 
 def _fit(cfg: AlgorithmConfig, state: TrainState, train_epoch, data: dict[str, np.ndarray], iteration: int,
-         progress: bool, extra=None):
+         progress: bool, extra=None, share_prompts: bool = False):
     if cfg.drop_no_variation:
         groups, inverse = np.unique(data["group"], return_inverse=True)
         lo = np.full(len(groups), np.inf)
@@ -372,10 +385,11 @@ def _fit(cfg: AlgorithmConfig, state: TrainState, train_epoch, data: dict[str, n
                       stacklevel=2)
         return state, {"fit_examples": n, "fit_loss": None, "fit_explained_variance": None}
     keys = ("tokens", "attention_mask", "loss_mask", "rewards")
-    data = {k: data[k] for k in keys}
+    groups, data = data["group"], {k: data[k] for k in keys}
     if cfg.pack_length:  # rows end to end, each kept to itself: the steps train on no padding
-        packed = packing.pack_rows(data, cfg.pack_length)
-        data = {k: packed[k] for k in packing.BATCH_KEYS}
+        # a V-type model's answers of one prompt share its encoding (a Q-type model's cannot)
+        packed = packing.pack_rows(data, cfg.pack_length, groups if share_prompts else None)
+        data = {k: packed[k] for k in (packing.SHARED_BATCH_KEYS if share_prompts else packing.BATCH_KEYS)}
     state, metrics = fit(state, train_epoch, data, epochs=cfg.epochs, batch_size=cfg.batch_size,
                          rng=np.random.default_rng([cfg.seed, iteration, 1]), last_batch="mask", extra=extra,
                          desc=f"fit {iteration}", progress=progress, failpoint=f"fit/{iteration}")

@@ -177,7 +177,7 @@ def sample_method(task: MathTask, ref, value_model, method: str, eta: float, ids
     out, scored = rollout.generate_chunked(
         ref, prompts, prompt_mask, key=jax.random.key(sampling.seed), batch=sampling.batch,
         name=f"{LABELS[method]} η={eta:g}" if guided else LABELS[method], score=score, progress=progress,
-        **sampling.settings, **guided)
+        samples_per_prompt=k, **sampling.settings, **guided)
     n = len(golds)
     samples = Samples(answers=[[a for _, a in scored[i * k:(i + 1) * k]] for i in range(n)],
                       correct=np.array([c for c, _ in scored], bool).reshape(n, k),

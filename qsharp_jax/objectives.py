@@ -75,7 +75,8 @@ def value_loss(
     The target of every fitted prefix is its sequence's ``rewards`` ``[N]``, or, when the batch has
     ``returns`` float ``[N, T]`` instead, a target per prefix (e.g. auxiliary labels). ``kind``:
     the loss (default: the head's own, :data:`LOSS_OF_HEAD`); the atoms are the head's. With
-    ``segment_ids`` ``[N, T]`` the rows are packed sequences (:func:`qsharp_jax.packing.pack_rows`).
+    ``segment_ids`` ``[N, T]`` the rows are packed sequences (:func:`qsharp_jax.packing.pack_rows`),
+    with ``branch_ids`` answers sharing their prompt (V-type only).
     """
     tokens, attention = batch["tokens"], batch["attention_mask"]
     chex.assert_rank(tokens, 2, custom_message="batch['tokens'] must be [N, T]")
@@ -93,7 +94,11 @@ def value_loss(
         raise ValueError("categorical_bellman is bellman_value_loss, not a Monte-Carlo value_loss kind")
     check_loss_fits_head(kind, head)
     segments = batch.get("segment_ids")  # packed rows (qsharp_jax.packing): each row kept to itself
-    out = model(tokens, attention, segments)  # [N, T, (V,) (K)]
+    branches = batch.get("branch_ids")  # and answers sharing their prompt
+    if branches is not None and head.q_type:
+        raise ValueError("a Q-type model reads each token's value at the token before it, which a shared prompt's "
+                         "answers do not have in their own branch: pack its rows without groups")
+    out = model(tokens, attention, segments, branches)  # [N, T, (V,) (K)]
     mask = batch["loss_mask"] & attention
     if head.q_type:
         nxt = tokens[:, 1:]

@@ -53,6 +53,8 @@ def shapes_of(cfg: RunConfig, mesh: Mesh) -> Shapes:
     algo = cfg.algorithm
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     rows = min(algo.rollout_batch, algo.prompts_per_iteration * algo.samples_per_prompt)
+    if algo.rollout_slots:  # continuous batching: caches and logits are the slots' (a queue row is its tokens only)
+        rows = min(rows, algo.rollout_slots)
     prompt_len = cfg.math.max_prompt_len if cfg.task == "math" else 16
     return Shapes(rollout_rows=shards * math.ceil(rows / shards), prompt_len=prompt_len,
                   new_tokens=algo.max_new_tokens, train_batch=shards * math.ceil(algo.batch_size / shards),

@@ -773,12 +773,16 @@ def generate_chunked(
     ``total_rows``: the prompts are this process's slice of ``total_rows`` rows, the rows
     :func:`process_rows` names (each host of a pod makes only the prompts it decodes); None: every
     row. ``kwargs``: of :func:`generate` (``switch_time``, ``max_lengths``: per row, every row,
-    chunked with them).
+    chunked with them; ``samples_per_prompt`` is a hint, dropped where chunks or slots would split
+    a prompt's samples).
 
     Raises FloatingPointError (naming ``name`` and the rows) where the guidance was not finite.
     """
     n = len(prompt_ids) if total_rows is None else total_rows
     plan = _Chunks.of(ref_model, n, batch)
+    share = kwargs.get("samples_per_prompt", 1)
+    if share > 1 and (batch % share or plan.size % share or n % share or (kwargs.get("slots") or share) % share):
+        kwargs["samples_per_prompt"] = 1  # chunks (or slots) that split a prompt's samples: each row prefilled
     rows_of, local = plan.rows_of, plan.local  # on a pod: the chunk positions this host decodes (and scores)
     have = plan.mine() if total_rows is not None else np.arange(n)  # the global rows prompt_ids holds
     if len(prompt_ids) != len(have):

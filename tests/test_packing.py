@@ -10,7 +10,7 @@ from flax import nnx
 from qsharp_jax import objectives
 from qsharp_jax.models.transformer import TransformerConfig
 from qsharp_jax.models.value import HeadConfig, ValueModel
-from qsharp_jax.packing import BATCH_KEYS, pack_rows
+from qsharp_jax.packing import BATCH_KEYS, SHARED_BATCH_KEYS, pack_rows
 
 
 def rows(seed=0, n=7, t=12, vocab=32):
@@ -74,3 +74,79 @@ def test_packed_rows_equal_their_forward_alone_and_the_padded_loss_and_gradients
     assert float(packed_loss) == pytest.approx(float(loss), rel=1e-5)
     for a, b in zip(jax.tree.leaves(nnx.state(g, nnx.Param)), jax.tree.leaves(nnx.state(packed_g, nnx.Param))):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=1e-4)
+
+
+def grouped_rows(seed=2, groups=3, samples=4, t=14, vocab=32):
+    """``samples`` rows per prompt: one left-padded prompt per group, then responses of several
+    lengths; rows fit from the last prompt token, as Algorithm 1's roll-outs from switch time 0."""
+    rng = np.random.default_rng(seed)
+    prompt = rng.integers(1, vocab, (groups, 4))
+    pad = rng.integers(0, 2, groups)
+    tokens = rng.integers(1, vocab, (groups * samples, t)).astype(np.int32)
+    tokens[:, :4] = np.repeat(prompt, samples, axis=0)
+    group = np.repeat(np.arange(groups), samples)
+    start = pad[group]
+    end = np.minimum(t, 4 + 1 + rng.geometric(0.2, groups * samples))
+    at = np.arange(t)
+    mask = (at >= start[:, None]) & (at < end[:, None])
+    loss_mask = mask & (at >= 3)  # from the last prompt token on
+    loss_mask[0, 3:6] = False  # one row rolled in for 2 tokens more: its fit starts later
+    return {"tokens": tokens, "attention_mask": mask, "loss_mask": loss_mask,
+            "rewards": rng.integers(0, 2, groups * samples).astype(np.float32)}, group
+
+
+def test_shared_prompts_are_laid_out_once_and_every_row_keeps_its_tokens():
+    data, group = grouped_rows()
+    packed = pack_rows(data, 20, groups=group)
+    plain = pack_rows(data, 20)
+    assert packed["attention_mask"].sum() < plain["attention_mask"].sum()  # fewer tokens to encode
+    lengths = data["attention_mask"].sum(1)
+    prefix_of = {}
+    for p in range(len(packed["tokens"])):
+        for segment in np.unique(packed["segment_ids"][p][packed["attention_mask"][p]]):
+            where = packed["segment_ids"][p] == segment
+            branches = packed["branch_ids"][p][where]
+            shared = packed["tokens"][p][where][branches == 0]
+            assert not packed["loss_mask"][p][where][branches == 0].any()  # no fitted token is shared
+            for b in np.unique(branches[branches > 0]):
+                r = packed["rows"][p][where][branches == b][0]
+                row = data["tokens"][r][data["attention_mask"][r]]
+                # the prefix then the branch is the row's real tokens, fitted where the row is
+                np.testing.assert_array_equal(np.concatenate([shared, packed["tokens"][p][where][branches == b]]), row)
+                fit = packed["loss_mask"][p][where][(branches == 0) | (branches == b)]
+                np.testing.assert_array_equal(fit, data["loss_mask"][r][data["attention_mask"][r]])
+                prefix_of[r] = len(shared)
+    assert sorted(prefix_of) == list(range(len(lengths)))  # every row once
+    assert max(prefix_of.values()) == 3  # the prompt but its last token (fitted) is shared
+    with pytest.raises(ValueError, match=r"groups must be \[N\]"):
+        pack_rows(data, 20, groups=group[:3])
+
+
+@pytest.mark.parametrize("kind", ["v_rope_shift", "v_learned"])
+def test_shared_prompts_give_the_padded_states_loss_and_gradients(kind):
+    value = model(token_shift=2 if "shift" in kind else 0, positions="rope" if "rope" in kind else "learned")
+    data, group = grouped_rows(seed=3)
+    packed = pack_rows(data, 24, groups=group)
+    alone = jax.jit(lambda m, x, k: m(x, k))(value, data["tokens"], data["attention_mask"])
+    together = jax.jit(lambda m, x, k, s, b: m(x, k, s, b))(value, packed["tokens"], packed["attention_mask"],
+                                                          packed["segment_ids"], packed["branch_ids"])
+    checked = 0
+    for p in range(len(packed["tokens"])):  # each fitted token's state is the one of its row alone
+        for q in np.flatnonzero(packed["loss_mask"][p]):
+            r = packed["rows"][p, q]
+            same = (packed["segment_ids"][p] == packed["segment_ids"][p, q]) & (
+                (packed["branch_ids"][p] == 0) | (packed["branch_ids"][p] == packed["branch_ids"][p, q]))
+            place = same[: q + 1].sum() - 1  # its index among its row's real tokens
+            np.testing.assert_allclose(np.asarray(together[p, q]),
+                                       np.asarray(alone[r][data["attention_mask"][r]][place]), atol=2e-5, rtol=1e-4)
+            checked += 1
+    assert checked == (data["loss_mask"] & data["attention_mask"]).sum()
+    batch = {k: jnp.asarray(v) for k, v in data.items()}
+    packed_batch = {k: jnp.asarray(packed[k]) for k in SHARED_BATCH_KEYS}
+    grad = jax.jit(nnx.value_and_grad(lambda m, b: objectives.value_loss(m, b)[0]))
+    (loss, g), (packed_loss, packed_g) = grad(value, batch), grad(value, packed_batch)
+    assert float(packed_loss) == pytest.approx(float(loss), rel=1e-5)
+    for a, b in zip(jax.tree.leaves(nnx.state(g, nnx.Param)), jax.tree.leaves(nnx.state(packed_g, nnx.Param))):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="a Q-type model reads each token's value at the token before it"):
+        objectives.value_loss(model(q_type=True), packed_batch)

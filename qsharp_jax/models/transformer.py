@@ -271,6 +271,26 @@ def _attention_with_paths(
 
 _ALONE = np.ones((1, 1), bool)  # a path of one token sees itself
 
+# Attention to a cache reads it in blocks of this many slots, up to the last one written: a decode
+# step's attention costs what the sequences hold so far, not the preallocated length.
+CACHE_BLOCK = 128
+
+
+def _over_filled(fn: Callable, filled: jax.Array | None, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """``fn(k, v, mask)`` over the cache's first ``filled`` slots rounded up to whole blocks.
+
+    k, v: ``[B, K, S, D]``; mask: ``[..., S]``. One branch per block count (static shapes each) is
+    picked by ``lax.switch``; the slots left out are unwritten, so masked: the result is the
+    same. ``filled`` None (a ring cache, whose live slots are anywhere) or a cache of one block:
+    the whole cache.
+    """
+    slots = k.shape[2]
+    sizes = [*range(CACHE_BLOCK, slots, CACHE_BLOCK), slots]
+    if filled is None or len(sizes) == 1:
+        return fn(k, v, mask)
+    branches = [lambda k, v, m, n=n: fn(k[:, :, :n], v[:, :, :n], m[..., :n]) for n in sizes]
+    return jax.lax.switch(jnp.clip((filled - 1) // CACHE_BLOCK, 0, len(sizes) - 1), branches, k, v, mask)
+
 
 def _heads_major(x: jax.Array) -> jax.Array:
     """``[B, T, K, D]`` -> ``[B, K, T, D]``."""
@@ -324,24 +344,47 @@ class Transformer(nnx.Module):
     # ---------------------------------------------------------------- public API
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-                 segment_ids: jax.Array | None = None) -> jax.Array:
-        return self.logits(self.hidden(input_ids, attention_mask, segment_ids))
+                 segment_ids: jax.Array | None = None, branch_ids: jax.Array | None = None) -> jax.Array:
+        return self.logits(self.hidden(input_ids, attention_mask, segment_ids, branch_ids))
 
     def hidden(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-               segment_ids: jax.Array | None = None) -> jax.Array:
+               segment_ids: jax.Array | None = None, branch_ids: jax.Array | None = None) -> jax.Array:
         """Final-normed hidden states ``[B, T, E]`` of a whole (left- or right-padded) sequence.
 
         ``segment_ids`` int ``[B, T]``: each row holds several sequences packed end to end
         (:func:`qsharp_jax.packing.pack_rows`), each a contiguous run of one id, all real tokens;
         a token attends to, is positioned in and token-shifts within its own sequence only, so
         every sequence's states equal its forward alone. Padding (mask False) follows them.
+
+        ``branch_ids`` int ``[B, T]`` (with ``segment_ids``): a segment is a shared prefix (branch
+        0, first) followed by several continuations of it (branches 1, 2, ..., each contiguous):
+        a continuation's tokens see the prefix and their own branch only, so each continuation's
+        states equal the forward of prefix + continuation alone (several sampled answers of one
+        prompt, the prompt encoded once).
         """
         input_ids, mask = self._check_ids(input_ids, attention_mask)
         t = input_ids.shape[1]
         if self.cfg.positions == "learned" and t > self.cfg.max_positions:
             raise ValueError(f"sequence length {t} exceeds the model's max_positions={self.cfg.max_positions}")
         allowed = mask[:, None, :] & jnp.tril(jnp.ones((t, t), bool))[None]
-        if segment_ids is None:
+        if branch_ids is not None:
+            if segment_ids is None:
+                raise ValueError("branch_ids split packed segments (pass segment_ids too)")
+            chex.assert_shape([segment_ids, branch_ids], input_ids.shape,
+                              custom_message="segment_ids and branch_ids must have the shape of input_ids")
+            segment_ids, branch_ids = jnp.asarray(segment_ids), jnp.asarray(branch_ids)
+            key_branch = branch_ids[:, None, :]
+            allowed &= (segment_ids[:, :, None] == segment_ids[:, None, :]) & (
+                (key_branch == 0) | (key_branch == branch_ids[:, :, None]))
+            # a token's sequence is what it attends to: its position is how many tokens precede it there
+            positions = jnp.maximum(jnp.sum(allowed, axis=-1, dtype=jnp.int32) - 1, 0)
+            back = None
+            if self.cfg.token_shift:  # the token n places back in that sequence (-1: none)
+                rank = jnp.cumsum(allowed, axis=-1, dtype=jnp.int32)  # [B, T(query), T(key)]
+                hit = allowed & (rank == (positions + 1 - self.cfg.token_shift)[:, :, None])
+                found = jnp.sum(jnp.where(hit, input_ids[:, None, :], 0), axis=-1)
+                back = jnp.where(mask & jnp.any(hit, axis=-1), found, -1).astype(jnp.int32)
+        elif segment_ids is None:
             positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
             back = self._shift_back(input_ids, mask, self._no_recent(input_ids.shape[0]))[0]
         else:
@@ -423,7 +466,9 @@ class Transformer(nnx.Module):
             k_all, v_all = layer_cache
             k_all = jax.lax.dynamic_update_slice(k_all, _heads_major(k).astype(k_all.dtype), (0, 0, idx, 0))
             v_all = jax.lax.dynamic_update_slice(v_all, _heads_major(v).astype(v_all.dtype), (0, 0, idx, 0))
-            return attention(q, k_all, v_all, allowed), (k_all, v_all)
+            out = _over_filled(lambda k, v, m: attention(q, k, v, m), None if cache.ring else idx + t, k_all, v_all,
+                               allowed)
+            return out, (k_all, v_all)
 
         back, recent = self._shift_back(input_ids, mask, cache.recent)
         x, (new_k, new_v) = self._run(input_ids, positions, attend, (cache.k, cache.v), back)
@@ -455,7 +500,9 @@ class Transformer(nnx.Module):
             k_past, v_past = layer_cache
             k_new = _heads_major(k_new).astype(k_past.dtype)
             v_new = _heads_major(v_new).astype(v_past.dtype)
-            out = _attention_with_paths(q, k_past, v_past, past, k_new[:, :, :, None], v_new[:, :, :, None], _ALONE)
+            out = _over_filled(lambda k, v, m: _attention_with_paths(q, k, v, m, k_new[:, :, :, None],
+                                                                     v_new[:, :, :, None], _ALONE),
+                               self._filled(cache), k_past, v_past, past)
             return out, (k_new, v_new)
 
         back = None
@@ -502,7 +549,8 @@ class Transformer(nnx.Module):
             shape = (b, c.num_kv_heads, p, t, c.head_dim)
             k_own = jnp.concatenate([k_pre, _heads_major(k_new).astype(k_past.dtype).reshape(shape)], axis=3)
             v_own = jnp.concatenate([v_pre, _heads_major(v_new).astype(v_past.dtype).reshape(shape)], axis=3)
-            out = _attention_with_paths(q, k_past, v_past, past, k_own, v_own, own_mask)
+            out = _over_filled(lambda k, v, m: _attention_with_paths(q, k, v, m, k_own, v_own, own_mask),
+                               self._filled(cache), k_past, v_past, past)
             return out, (k_pre, v_pre) if siblings else (k_own, v_own)
 
         back = None
@@ -624,6 +672,11 @@ class Transformer(nnx.Module):
         if self.cfg.sliding_window is None:
             return jnp.ones((), bool)
         return (q_positions[:, :, None] - k_positions[:, None, :]) < self.cfg.sliding_window
+
+    @staticmethod
+    def _filled(cache: KVCache) -> jax.Array | None:
+        """Slots written so far (None: a ring, any slot may be live)."""
+        return None if cache.ring else cache.index
 
     def _cached_keys(self, cache: KVCache, positions: jax.Array) -> jax.Array:
         """bool ``[B, T or 1, S]``: the cache slots that queries at ``positions [B, T]`` attend to."""

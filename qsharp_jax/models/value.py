@@ -124,8 +124,8 @@ class ValueModel(nnx.Module):
         return self.backbone.cfg.vocab_size
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-                 segment_ids: jax.Array | None = None) -> jax.Array:
-        return self.head(self.backbone.hidden(input_ids, attention_mask, segment_ids))
+                 segment_ids: jax.Array | None = None, branch_ids: jax.Array | None = None) -> jax.Array:
+        return self.head(self.backbone.hidden(input_ids, attention_mask, segment_ids, branch_ids))
 
     def init_cache(self, batch: int, max_len: int) -> KVCache:
         return self.backbone.init_cache(batch, max_len)

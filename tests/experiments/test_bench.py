@@ -17,15 +17,20 @@ from qsharp_jax import guidance
 TOP_K = 5
 
 
-def test_torch_processor_equals_guided_logits(tmp_path):
-    size = Size("test", 40, (1, 16, 2), (2, 16, 2))
-    ref_t, backbone_t, head_t, ref_j, value_j = build(size, tmp_path)
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_torch_processor_equals_guided_logits(tmp_path, family):
+    vocab = 40
+    if family == "gpt2":  # rollout_bench's pair
+        ref_t, backbone_t, head_t, ref_j, value_j = build(Size("test", vocab, (1, 16, 2), (2, 16, 2)), tmp_path)
+    else:  # math_bench's pair (grouped-query attention, RoPE)
+        from experiments.bench import math_bench
+        ref_j, value_j, ref_t, backbone_t, head_t = math_bench.build(tmp_path, vocab, (1, 128), (2, 128))
     atoms = jnp.asarray(value_j.head_cfg.atoms)
     processor = TorchQSharpProcessor(backbone_t, head_t, torch.from_numpy(np.array(atoms)), ETA, TOP_K)
     with torch.no_grad():  # larger head weights: offsets that differ across candidates
         head_t.weight.mul_(50.0)
     value_j.head.kernel[...] = value_j.head.kernel[...] * 50.0
-    ids = np.random.default_rng(0).integers(1, size.vocab, size=(3, 7))
+    ids = np.random.default_rng(0).integers(1, vocab, size=(3, 7))
     # compiled, as decoding runs them (eagerly, every operation compiles by itself)
     forward, extend, score = jax.jit(ref_j), jax.jit(value_j.extend), jax.jit(value_j.score_candidates)
     for step in range(2):  # the prompt, then the prompt and one more token (the processor's cache path)
