@@ -47,7 +47,7 @@ tabular: install
 
 bench: install-dev
 	$(PY) -m experiments.bench.fit_bench
-	$(PY) -m experiments.bench.pack_bench
+	$(PY) -m experiments.bench.math_bench
 	$(PY) -m experiments.bench.rollout_bench
 
 clean:

@@ -36,15 +36,21 @@ SUMMARY_KEYS = ("ref_params_bytes_per_device", "value_state_bytes_per_device", "
 
 @dataclasses.dataclass(frozen=True)
 class Shapes:
-    """What one rollout call and one train step hold: rows per rollout call ``rollout_rows``,
-    prompt tokens ``prompt_len``, response tokens ``new_tokens``, examples per train step
-    ``train_batch`` of ``train_len`` tokens."""
+    """What one rollout call and one train step hold: rows per rollout call ``rollout_rows``
+    (decoded ``cache_rows`` at a time: continuous batching's slots, else all of them), prompt
+    tokens ``prompt_len``, response tokens ``new_tokens``, examples per train step ``train_batch``
+    of ``train_len`` tokens."""
 
     rollout_rows: int
     prompt_len: int
     new_tokens: int
     train_batch: int
     train_len: int
+    cache_rows: int = 0  # 0: rollout_rows (the static loop)
+
+    @property
+    def slots(self) -> int | None:
+        return self.cache_rows if self.cache_rows and self.cache_rows < self.rollout_rows else None
 
 
 def shapes_of(cfg: RunConfig, mesh: Mesh) -> Shapes:
@@ -53,12 +59,11 @@ def shapes_of(cfg: RunConfig, mesh: Mesh) -> Shapes:
     algo = cfg.algorithm
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     rows = min(algo.rollout_batch, algo.prompts_per_iteration * algo.samples_per_prompt)
-    if algo.rollout_slots:  # continuous batching: caches and logits are the slots' (a queue row is its tokens only)
-        rows = min(rows, algo.rollout_slots)
     prompt_len = cfg.math.max_prompt_len if cfg.task == "math" else 16
     return Shapes(rollout_rows=shards * math.ceil(rows / shards), prompt_len=prompt_len,
                   new_tokens=algo.max_new_tokens, train_batch=shards * math.ceil(algo.batch_size / shards),
-                  train_len=prompt_len + algo.max_new_tokens)
+                  train_len=prompt_len + algo.max_new_tokens,
+                  cache_rows=algo.rollout_slots)  # continuous batching: caches and logits are the slots'
 
 
 def _sharded(abstract: Any, shardings: Any) -> Any:
@@ -155,6 +160,9 @@ def plan(cfg: RunConfig, *, compile: bool | tuple[str, ...] = True, report: Call
     settings = dict(max_new_tokens=shapes.new_tokens, top_k=algo.top_k, temperature=algo.temperature,
                     top_p=algo.top_p, eos_id=0, pad_id=0, guidance=algo.guidance, eta=algo.eta)
 
+    if shapes.slots:  # the continuous loop: a queue of rollout_rows rows through the slots
+        settings["slots"] = shapes.slots
+
     def collect(ref_state, value_state, ids, mask, key, switch):
         return rollout.generate(nnx.merge(ref_graph, ref_state), ids, mask, key=key, switch_time=switch,
                                 value_model=nnx.merge(value_graph, value_state), **settings)
@@ -168,7 +176,8 @@ def plan(cfg: RunConfig, *, compile: bool | tuple[str, ...] = True, report: Call
              "rewards": jax.ShapeDtypeStruct((b,), jnp.float32, sharding=example)}
 
     programs = {
-        "rollout": lambda: jax.jit(collect).lower(ref_state, value_state, prompt_ids, prompt_mask, key, switch),
+        "rollout": lambda: _lower_on(mesh, jax.jit(collect), ref_state, value_state, prompt_ids, prompt_mask, key,
+                                     switch),
         "train_step": lambda: step.jitted.lower(train_state, batch, None, False),
     }
     memory: dict[str, dict[str, int]] = {}
@@ -184,8 +193,9 @@ def plan(cfg: RunConfig, *, compile: bool | tuple[str, ...] = True, report: Call
     slots = p + shapes.new_tokens
 
     def kv(dtypes):
-        return kv_cache_bytes(ref_cfg, rows, slots, dtypes["ref"], mesh) + \
-            kv_cache_bytes(value_cfg, rows, slots, dtypes["value"], mesh)
+        held = shapes.slots or rows  # the rows with caches
+        return kv_cache_bytes(ref_cfg, held, slots, dtypes["ref"], mesh) + \
+            kv_cache_bytes(value_cfg, held, slots, dtypes["value"], mesh)
 
     # on CPU the counts need the models again at their real dtypes
     (_, real_ref), _, real_state = models(real) if compiled_as != real else ((None, ref_state), None, abstract_state)
@@ -203,6 +213,13 @@ def plan(cfg: RunConfig, *, compile: bool | tuple[str, ...] = True, report: Call
     report("per device: " + ", ".join(f"{k.removesuffix('_bytes_per_device')} {_gib(v)}" for k, v in summary.items()))
     return {"mesh": dict(mesh.shape), "shapes": dataclasses.asdict(shapes), "memory": memory,
             "rollout_temporaries": rollout_temp, "summary": summary}
+
+
+def _lower_on(mesh: Mesh, fn, *args):
+    """``fn.lower(*args)`` with ``mesh`` as the context mesh: the continuous loop lays its slots out
+    on it (under jit, traced parameters do not say which mesh they are on)."""
+    with jax.set_mesh(mesh):
+        return fn.lower(*args)
 
 
 def _gib(n: int) -> str:
@@ -248,8 +265,8 @@ def check_fits(summary: dict[str, int], device_memory: float) -> None:
     if total > device_memory:
         parts = ", ".join(f"{k.removesuffix('_bytes_per_device')} {_gib(summary[k])}" for k in SUMMARY_KEYS[:-1])
         raise ValueError(f"the plan needs {_gib(total)} per device, more than device_memory={_gib(device_memory)} "
-                         f"({parts}); lower algorithm.rollout_batch or algorithm.batch_size, or shard further "
-                         "(mesh fsdp / tensor)")
+                         f"({parts}); lower algorithm.rollout_batch (with continuous batching "
+                         "algorithm.rollout_slots) or algorithm.batch_size, or shard further (mesh fsdp / tensor)")
 
 
 __all__ = ["SUMMARY_KEYS", "Shapes", "bytes_per_device", "check_fits", "kv_cache_bytes", "parse_bytes", "plan",

@@ -99,6 +99,7 @@ class _Spec:
     share: int = 1  # rows come in groups of this many copies of one prompt, prefilled once per group
     slots: int | None = None  # continuous batching: rows decoded at once (None: the static loop)
     refill: int = 0  # continuous batching: slots prefilled together once that many are free
+    mesh: jax.sharding.Mesh | None = None  # continuous batching on a mesh: the slots' state is laid out on it
 
 
 def generate(
@@ -258,6 +259,7 @@ def generate(
         q_type=bool(value_model is not None and value_model.head_cfg.q_type), top_k=top_k,
         temperature=float(temperature), top_p=float(top_p), eos_id=eos_id, pad_id=pad_id,
         always_guided=always_guided, lookahead=lookahead, share=share, slots=slots, refill=refill,
+        mesh=None if slots is None else _mesh_of(ref_model) or _context_mesh(),
     )
     ref_graph, ref_state = nnx.split(ref_model)
     value_graph, value_state = nnx.split(value_model) if value_model is not None else (None, None)
@@ -625,25 +627,44 @@ def _generate_continuous(ref_graph, ref_state, value_graph, value_state, prompt_
     keys = jax.vmap(lambda row: jax.random.fold_in(key, row))(row_ids)  # [Q]: each queue row's draws
     ring = lambda c: None if c is None else c.replace(ring=True)  # noqa: E731
 
+    def pin(tree, rows: int = slots):
+        """Arrays of ``rows`` rows split over the mesh's batch axes (KV heads over ``tensor``), as the
+        static loop's follow from its sharded prompts: the slots' rows are gathered from the queue,
+        so XLA would otherwise prefill and keep every slot on every device."""
+        if spec.mesh is None or rows % (spec.mesh.shape["data"] * spec.mesh.shape["fsdp"]):
+            return tree
+        tensor = spec.mesh.shape["tensor"]
+
+        def constrain(x):
+            if not x.ndim or x.shape[0] != rows:
+                return x
+            heads = "tensor" if x.ndim == 4 and x.shape[1] % tensor == 0 else None  # [slots, kv_heads, S, D]
+            spec_ = jax.sharding.PartitionSpec(("data", "fsdp"), *([heads] if x.ndim == 4 else []),
+                                               *([None] * (x.ndim - 1 - (x.ndim == 4))))
+            return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(spec.mesh, spec_))
+
+        return jax.tree.map(constrain, tree)
+
     def refill_slots(s: _QueueState) -> _QueueState:
         """Prefill the next ``take`` queue rows into the first ``take`` free slots (the rest of the
         ``refill`` prefilled rows are dropped: a static shape)."""
         take = jnp.minimum(refill, queue - s.head)
-        slot = jnp.argsort(~s.free, stable=True)[:refill].astype(jnp.int32)  # free slots first, in order
-        real = jnp.arange(refill) < take
         rows = jnp.minimum(s.head + jnp.arange(refill), queue - 1)
-        fresh = dec.prefill(prompt_ids[rows], prompt_mask[rows], prompt_ids.shape[1])
-        into = jnp.where(real, slot, slots)  # out of range: dropped
-        put = lambda old, new: old.at[into].set(new, mode="drop")  # noqa: E731
+        fresh = dec.prefill(*pin((prompt_ids[rows], prompt_mask[rows]), refill), prompt_ids.shape[1])
+        # the k-th free slot (k < take) takes the k-th prefilled row; selected, not scattered (see cache.refill)
+        rank = jnp.cumsum(s.free) - 1
+        source = jnp.where(s.free & (rank < take), rank, -1).astype(jnp.int32)  # [slots]
+        taken, mine = source >= 0, jnp.maximum(source, 0)
+        put = lambda old, new: jnp.where(taken.reshape(-1, *[1] * (old.ndim - 1)), new[mine], old)  # noqa: E731
         m = s.models
         models = _Models(
             ref_logits=put(m.ref_logits, fresh.ref_logits),
-            ref_cache=cache_lib.refill(m.ref_cache, fresh.ref_cache, into),
-            value_cache=None if m.value_cache is None else cache_lib.refill(m.value_cache, fresh.value_cache, into),
+            ref_cache=cache_lib.refill(m.ref_cache, fresh.ref_cache, source),
+            value_cache=None if m.value_cache is None else cache_lib.refill(m.value_cache, fresh.value_cache, source),
             value_out=None if m.value_out is None else put(m.value_out, fresh.value_out),
         )
-        return s.replace(t=put(s.t, jnp.zeros((refill,), jnp.int32)), row=put(s.row, rows),
-                         free=put(s.free, jnp.zeros((refill,), bool)), head=s.head + take, models=models)
+        return s.replace(t=jnp.where(taken, 0, s.t), row=put(s.row, rows), free=s.free & ~taken,
+                         head=s.head + take, models=pin(models))
 
     def step(s: _QueueState) -> _QueueState:
         waiting = queue - s.head
@@ -657,14 +678,14 @@ def _generate_continuous(ref_graph, ref_state, value_graph, value_state, prompt_
         t = s.t + active
         ended = t >= max_lengths[s.row]
         ended = ended | (x.token == spec.eos_id) if spec.eos_id is not None else ended
-        return s.replace(t=t, free=s.free | (active & ended), models=models, out=out)
+        return s.replace(t=t, free=s.free | (active & ended), models=pin(models), out=out)
 
     def cond(s: _QueueState):
         return (s.head < queue) | ~jnp.all(s.free)
 
     first = jnp.minimum(jnp.arange(slots), queue - 1)  # the first slots' rows, prefilled together
-    models = dec.prefill(prompt_ids[first], prompt_mask[first], spec.cache_len)
-    models = models.replace(ref_cache=ring(models.ref_cache), value_cache=ring(models.value_cache))
+    models = dec.prefill(*pin((prompt_ids[first], prompt_mask[first])), spec.cache_len)
+    models = pin(models.replace(ref_cache=ring(models.ref_cache), value_cache=ring(models.value_cache)))
     start = _QueueState(t=jnp.zeros((slots,), jnp.int32), row=first.astype(jnp.int32),
                         free=jnp.arange(slots) >= queue, head=jnp.minimum(slots, queue).astype(jnp.int32),
                         models=models, out=_empty_out(queue, n, spec.pad_id))
@@ -682,6 +703,13 @@ def _prompts_of(rows: np.ndarray, local: np.ndarray | None, have: np.ndarray, id
     at = np.searchsorted(have, rows[local])
     out_ids[local], out_mask[local] = ids[at], mask[at]
     return out_ids, out_mask
+
+
+def _context_mesh():
+    """The mesh of ``jax.set_mesh`` (the only way to know it when ``generate`` runs under jit with
+    traced parameters, e.g. ``qsharp plan``'s lowering); None: none or one device."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh.empty or mesh.size == 1 else mesh
 
 
 def _mesh_of(model: nnx.Module):

@@ -37,8 +37,9 @@ def test_recipe_dry_run_prints_memory_per_device(capsys, monkeypatch):
     head = 2048 * 11 + 11
     assert summary["value_state_bytes_per_device"] == 6 * (LLAMA32_1B_PARAMS + head) + 4 + 8 + 2 * 4  # + step,
     # PRNG key, and the step counts of Adam and of the learning-rate schedule
-    # keys and values: 512 rows / 8 devices, 512 + 1024 slots, π_ref 32 layers x 8 KV heads x 128, the value model 16 x 8 x 64
-    assert summary["kv_cache_bytes_per_device"] == 2 * 2 * 64 * 1536 * (32 * 8 * 128 + 16 * 8 * 64)
+    # keys and values: the recipe's 128 continuous-batching slots (its 512-row chunks queue for them) / 8 devices,
+    # 512 + 1024 positions, π_ref 32 layers x 8 KV heads x 128, the value model 16 x 8 x 64
+    assert summary["kv_cache_bytes_per_device"] == 2 * 2 * 16 * 1536 * (32 * 8 * 128 + 16 * 8 * 64)
     rollout = result["memory"]["rollout"]
     assert rollout["arguments"] >= 4 * LLAMA3_8B_PARAMS  # compiled in float32 on XLA:CPU
     assert 0 < result["rollout_temporaries"] < rollout["temporaries"]  # corrected to bfloat16 caches

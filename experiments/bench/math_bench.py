@@ -17,7 +17,9 @@ tokens per second:
       lengths by a StoppingCriteria.
 
 The prefill alone (every row stopped after one token), static loop, with and without shared
-prompts, shows what ``samples_per_prompt`` saves. Then value fitting on rows of the same shape
+prompts, shows what ``samples_per_prompt`` saves; the first static batch decoded again with
+attention over the whole preallocated cache (``transformer.CACHE_BLOCK`` beyond its length) shows
+what reading only the filled blocks saves. Then value fitting on rows of the same shape
 (64 rows, 8 answers per prompt; pack_bench.compare: ours padded, packed, packed with shared
 prompts, an HF PyTorch loop). Compile time is excluded (ours compile on a run of 1-token rows).
 
@@ -41,7 +43,7 @@ import transformers
 
 from experiments.bench import pack_bench
 from experiments.bench.rollout_bench import TorchQSharpProcessor
-from qsharp_jax.models import from_hf
+from qsharp_jax.models import from_hf, transformer
 from qsharp_jax.models.value import HeadConfig, value_from_hf
 from qsharp_jax.rollout import generate
 
@@ -68,6 +70,26 @@ def workload(prompts: int, vocab: int = VOCAB, seed: int = 0):
     rng = np.random.default_rng(seed)
     ids = np.repeat(rng.integers(1, vocab, (prompts, PROMPT)), SAMPLES, axis=0).astype(np.int32)
     return ids, pack_bench.response_lengths(len(ids), rng)
+
+
+def schedule_steps(lengths: np.ndarray, slots: int, refill: int) -> int:
+    """Decoding steps of the continuous loop's schedule over rows of these lengths (the same refill
+    rule as ``rollout``: the next ``refill`` queued rows start once that many slots are free)."""
+    t, row = np.zeros(slots, int), np.arange(slots)
+    free, head, steps = np.arange(slots) >= len(lengths), min(slots, len(lengths)), 0
+    while head < len(lengths) or not free.all():
+        take = min(refill, len(lengths) - head)
+        if take and free.sum() >= take:
+            at = np.flatnonzero(free)[:take]
+            row[at], t[at], free[at], head = head + np.arange(take), 0, False, head + take
+        t += ~free
+        free |= t >= lengths[row]
+        steps += 1
+    return steps
+
+
+def static_steps(lengths: np.ndarray, slots: int) -> int:
+    return int(sum(lengths[i:i + slots].max() for i in range(0, len(lengths), slots)))
 
 
 class Budget(transformers.StoppingCriteria):
@@ -138,6 +160,11 @@ def main() -> None:
     print(f"{len(ids)} rows ({args.prompts} prompts x {SAMPLES} samples, prompt {PROMPT}): {useful} tokens to generate, "
           f"lengths median {int(np.median(lengths))}, max {lengths.max()}; static batches of {args.slots} decode "
           f"{sum(len(b) * b.max() for b in batches)} row-steps for them", flush=True)
+    print(f"steps: static {static_steps(lengths, args.slots)}, continuous {schedule_steps(lengths, args.slots, SAMPLES)}"
+          f" (at least {max(lengths.max(), -(-useful // args.slots))}); with 4x the prompts "
+          + ", ".join(f"static / continuous at refills of {r}: "
+                      f"{static_steps(more, args.slots) / schedule_steps(more, args.slots, r):.2f}"
+                      for more in [workload(4 * args.prompts)[1]] for r in (SAMPLES, 1)), flush=True)
     results, tokens = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         ref, value, ref_t, backbone_t, head_t = build(Path(tmp))
@@ -146,6 +173,15 @@ def main() -> None:
                               prefill_only=True)
             print(f"  prefill + 1 token, static, {'shared prompts' if share else 'every row':14s} {seconds:8.2f} s",
                   flush=True)
+        first = slice(0, args.slots)
+        for name, block in (("filled blocks", transformer.CACHE_BLOCK), ("whole cache", 10**9)):
+            default, transformer.CACHE_BLOCK = transformer.CACHE_BLOCK, block
+            jax.clear_caches()  # the block size is read when the loop is traced
+            _, seconds = ours(ref, value, ids[first], lengths[first], slots=args.slots, continuous=False, share=True,
+                              guided=True)
+            transformer.CACHE_BLOCK = default
+            jax.clear_caches()
+            print(f"  first static batch, attention over {name:13s} {seconds:8.1f} s", flush=True)
         ways = [("ours static", dict(continuous=False, guided=True)),
                 ("ours continuous", dict(continuous=True, guided=True)),
                 ("ours continuous, plain", dict(continuous=True, guided=False))]

@@ -61,26 +61,38 @@ class KVCache:
         )
 
 
-def refill(cache: KVCache, fresh: KVCache, rows: jax.Array) -> KVCache:
-    """A ring ``cache`` whose rows ``rows [R]`` hold ``fresh``'s R sequences instead of theirs.
+def refill(cache: KVCache, fresh: KVCache, source: jax.Array) -> KVCache:
+    """A ring ``cache`` whose rows b with ``source[b] >= 0`` hold ``fresh``'s sequence ``source[b]``.
 
     ``fresh`` is a prefill of R prompts into its own (non-ring) cache of P slots; its slots go to
-    the P ring slots before ``cache.index`` (wrapping), the rows' other slots are masked out, and
-    their positions and token-shift history become the prompts'. A row index ``>= batch`` is
-    skipped (a refill of fewer than R rows). The next token of those rows is written at
-    ``cache.index`` like every other row's, so a sequence of P + N tokens spans P + N slots.
+    the P ring slots before ``cache.index`` (wrapping), the row's other slots are masked out, and
+    its positions and token-shift history become the prompt's. The next token of those rows is
+    written at ``cache.index`` like every other row's, so a sequence of P + N tokens spans P + N
+    slots. Rows are selected, not scattered into, so a cache split over devices by rows stays
+    split (a scatter along the sharded axis would gather every row on every device).
+
+    Args:
+      source: int ``[B]``, per row the fresh sequence it takes, or −1 to keep its own.
     """
     slots, p = cache.max_len, fresh.max_len
-    arc = (cache.index - p + jnp.arange(p)) % slots  # [P]
-    rows_col = rows[:, None]
-    put = lambda old, new: old.at[rows_col, :, arc[None, :], :].set(  # noqa: E731
-        jnp.swapaxes(new, 1, 2).astype(old.dtype), mode="drop")  # new [R, K, P, D] -> indexed [R, P, K, D]
-    kv_mask = jnp.zeros((rows.shape[0], slots), bool).at[:, arc].set(fresh.kv_mask)
+    taken, mine = source >= 0, jnp.maximum(source, 0)
+    shift = (cache.index - p) % slots  # fresh slot i goes to ring slot (index - p + i) % slots
+
+    def place(old, new):  # new [R, ..., P, ...] (slots on axis 2 for k/v, 1 for masks) -> old's rows
+        axis = 2 if new.ndim == 4 else 1
+        widths = [(0, 0)] * new.ndim
+        widths[axis] = (0, slots - p)
+        ring = jnp.roll(jnp.pad(new, widths), shift, axis=axis)  # [R, ..., slots, ...]
+        arc = jnp.roll(jnp.arange(slots) < p, shift)
+        keep = taken.reshape(-1, *[1] * (old.ndim - 1)) & arc.reshape(*[1] * axis, slots, *[1] * (old.ndim - 1 - axis))
+        return jnp.where(keep, jnp.take(ring, mine, axis=0).astype(old.dtype), old)
+
+    rows = lambda old, new: jnp.where(taken.reshape(-1, *[1] * (old.ndim - 1)), new[mine], old)  # noqa: E731
     return cache.replace(
-        k=tuple(put(o, n) for o, n in zip(cache.k, fresh.k)),
-        v=tuple(put(o, n) for o, n in zip(cache.v, fresh.v)),
-        kv_mask=cache.kv_mask.at[rows].set(kv_mask, mode="drop"),
-        kv_positions=cache.kv_positions.at[rows_col, arc[None, :]].set(fresh.kv_positions, mode="drop"),
-        positions=cache.positions.at[rows].set(fresh.positions, mode="drop"),
-        recent=cache.recent.at[rows].set(fresh.recent, mode="drop"),
+        k=tuple(place(o, n) for o, n in zip(cache.k, fresh.k)),
+        v=tuple(place(o, n) for o, n in zip(cache.v, fresh.v)),
+        kv_mask=jnp.where(taken[:, None], place(jnp.zeros_like(cache.kv_mask), fresh.kv_mask), cache.kv_mask),
+        kv_positions=place(cache.kv_positions, fresh.kv_positions),
+        positions=rows(cache.positions, fresh.positions),
+        recent=rows(cache.recent, fresh.recent),
     )
