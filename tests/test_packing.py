@@ -33,6 +33,16 @@ def model(q_type=False, token_shift=2, positions="rope"):
     return nnx.merge(graphdef, jax.tree.map(lambda x: x * 3.0, state))  # outputs far from uniform
 
 
+def assert_same_loss_and_gradients(value, data, packed_batch):
+    """The value loss and its gradients on the packed batch equal those on the padded rows."""
+    grad = jax.jit(nnx.value_and_grad(lambda m, b: objectives.value_loss(m, b)[0]))
+    (loss, g) = grad(value, {k: jnp.asarray(v) for k, v in data.items()})
+    packed_loss, packed_g = grad(value, packed_batch)
+    assert float(packed_loss) == pytest.approx(float(loss), rel=1e-5)
+    for a, b in zip(jax.tree.leaves(nnx.state(g, nnx.Param)), jax.tree.leaves(nnx.state(packed_g, nnx.Param))):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=1e-4)
+
+
 def test_packing_keeps_every_row_whole_and_fills_sequences():
     data = rows()
     packed = pack_rows(data, 16)
@@ -67,13 +77,7 @@ def test_packed_rows_equal_their_forward_alone_and_the_padded_loss_and_gradients
         p = np.flatnonzero(where.any(1))[0]
         np.testing.assert_allclose(np.asarray(together[p][where[p]]), np.asarray(alone[r][data["attention_mask"][r]]),
                                    atol=2e-5, rtol=1e-4)
-    batch = {k: jnp.asarray(v) for k, v in data.items()}
-    packed_batch = {k: jnp.asarray(packed[k]) for k in BATCH_KEYS}
-    grad = jax.jit(nnx.value_and_grad(lambda m, b: objectives.value_loss(m, b)[0]))
-    (loss, g), (packed_loss, packed_g) = grad(value, batch), grad(value, packed_batch)
-    assert float(packed_loss) == pytest.approx(float(loss), rel=1e-5)
-    for a, b in zip(jax.tree.leaves(nnx.state(g, nnx.Param)), jax.tree.leaves(nnx.state(packed_g, nnx.Param))):
-        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=1e-4)
+    assert_same_loss_and_gradients(value, data, {k: jnp.asarray(packed[k]) for k in BATCH_KEYS})
 
 
 def grouped_rows(seed=2, groups=3, samples=4, t=14, vocab=32):
@@ -141,12 +145,7 @@ def test_shared_prompts_give_the_padded_states_loss_and_gradients(kind):
                                        np.asarray(alone[r][data["attention_mask"][r]][place]), atol=2e-5, rtol=1e-4)
             checked += 1
     assert checked == (data["loss_mask"] & data["attention_mask"]).sum()
-    batch = {k: jnp.asarray(v) for k, v in data.items()}
     packed_batch = {k: jnp.asarray(packed[k]) for k in SHARED_BATCH_KEYS}
-    grad = jax.jit(nnx.value_and_grad(lambda m, b: objectives.value_loss(m, b)[0]))
-    (loss, g), (packed_loss, packed_g) = grad(value, batch), grad(value, packed_batch)
-    assert float(packed_loss) == pytest.approx(float(loss), rel=1e-5)
-    for a, b in zip(jax.tree.leaves(nnx.state(g, nnx.Param)), jax.tree.leaves(nnx.state(packed_g, nnx.Param))):
-        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=1e-4)
+    assert_same_loss_and_gradients(value, data, packed_batch)
     with pytest.raises(ValueError, match="a Q-type model reads each token's value at the token before it"):
         objectives.value_loss(model(q_type=True), packed_batch)
