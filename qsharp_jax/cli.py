@@ -158,10 +158,14 @@ def _eval_math(args: argparse.Namespace) -> int:
 def _plan(args: argparse.Namespace) -> int:
     import os
 
-    if args.cpu_devices:  # before JAX starts: N fake CPU devices stand in for a pod's accelerators
+    # before JAX starts: N fake CPU devices stand in for a pod's accelerators, and XLA:CPU schedules
+    # for memory as accelerators do under pressure (its default hoists work for concurrency, e.g. a
+    # remat'd block's recomputation to the start of the backward pass, which hides what remat saves)
+    flags = [os.environ.get("XLA_FLAGS", ""), "--xla_cpu_enable_concurrency_optimized_scheduler=false"]
+    if args.cpu_devices:
         os.environ["JAX_PLATFORMS"] = "cpu"
-        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} " \
-                                  f"--xla_force_host_platform_device_count={args.cpu_devices}".strip()
+        flags.append(f"--xla_force_host_platform_device_count={args.cpu_devices}")
+    os.environ["XLA_FLAGS"] = " ".join(flags).strip()
     from qsharp_jax import plan, runs
 
     # `device_memory=16GiB` may come with the config overrides (DESIGN.md's form of --device-memory)
@@ -173,7 +177,7 @@ def _plan(args: argparse.Namespace) -> int:
     result = plan.plan(cfg, compile=not args.no_compile)
     print(plan.table(result["summary"], device_memory or None))
     if device_memory:
-        plan.check_fits(result["summary"], device_memory)
+        plan.check_fits(result["summary"], device_memory, cfg)
     print(plan.summary_line(result["summary"]))
     return 0
 

@@ -259,14 +259,30 @@ def summary_line(summary: dict[str, int]) -> str:
     return " ".join(f"{k}={int(summary[k])}" for k in SUMMARY_KEYS)
 
 
-def check_fits(summary: dict[str, int], device_memory: float) -> None:
-    """Refuse a plan that does not fit ``device_memory`` bytes per device, with what to change."""
+def check_fits(summary: dict[str, int], device_memory: float, cfg: RunConfig | None = None) -> None:
+    """Refuse a plan that does not fit ``device_memory`` bytes per device, naming what to change
+    for the part that needs the most (``cfg``: the run's, for its current settings)."""
     total = summary["total_bytes_per_device"]
-    if total > device_memory:
-        parts = ", ".join(f"{k.removesuffix('_bytes_per_device')} {_gib(summary[k])}" for k in SUMMARY_KEYS[:-1])
-        raise ValueError(f"the plan needs {_gib(total)} per device, more than device_memory={_gib(device_memory)} "
-                         f"({parts}); lower algorithm.rollout_batch (with continuous batching "
-                         "algorithm.rollout_slots) or algorithm.batch_size, or shard further (mesh fsdp / tensor)")
+    if total <= device_memory:
+        return
+    parts = ", ".join(f"{k.removesuffix('_bytes_per_device')} {_gib(summary[k])}" for k in SUMMARY_KEYS[:-1])
+    resident = summary["ref_params_bytes_per_device"] + summary["value_state_bytes_per_device"]
+    algo = cfg.algorithm if cfg is not None else None
+    if resident > device_memory:
+        advice = ("the parameters alone exceed it: shard them over more devices (raise mesh fsdp or tensor, "
+                  "e.g. mesh=[-1,4,1]) or use dtype: bfloat16")
+    elif summary["train_activation_bytes_per_device"] >= summary["kv_cache_bytes_per_device"]:
+        remat = "" if cfg is None or cfg.value.remat else "set value.remat=true (recompute activations), "
+        batch = f"algorithm.batch_size={algo.batch_size}" if algo else "algorithm.batch_size"
+        advice = (f"the value model's train step needs the most: {remat}lower {batch}, or split its examples over "
+                  "more devices (mesh data x fsdp)")
+    else:
+        slots = (f"algorithm.rollout_slots={algo.rollout_slots}" if algo and algo.rollout_slots else
+                 f"algorithm.rollout_batch={algo.rollout_batch}" if algo else "algorithm.rollout_batch")
+        advice = (f"the rollout's KV caches need the most: lower {slots}, or split the rows over more devices (mesh "
+                  "data x fsdp; KV heads over tensor)")
+    raise ValueError(f"the plan needs {_gib(total)} per device, more than device_memory={_gib(device_memory)} "
+                     f"({parts}); {advice}")
 
 
 __all__ = ["SUMMARY_KEYS", "Shapes", "bytes_per_device", "check_fits", "kv_cache_bytes", "parse_bytes", "plan",

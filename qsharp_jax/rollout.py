@@ -693,16 +693,11 @@ def _generate_continuous(ref_graph, ref_state, value_graph, value_state, prompt_
 
 
 def _prompts_of(rows: np.ndarray, local: np.ndarray | None, have: np.ndarray, ids: np.ndarray, mask: np.ndarray):
-    """A chunk's prompts ``[len(rows), P]``: ids and mask of its global ``rows`` from the rows
-    ``have`` that this process holds; on a pod only its devices' positions ``local`` are filled
-    (the others' are placed by their own hosts)."""
-    if local is None:
-        at = np.searchsorted(have, rows)
-        return ids[at], mask[at]
-    out_ids, out_mask = np.zeros((len(rows), ids.shape[1]), ids.dtype), np.zeros((len(rows), mask.shape[1]), bool)
-    at = np.searchsorted(have, rows[local])
-    out_ids[local], out_mask[local] = ids[at], mask[at]
-    return out_ids, out_mask
+    """A chunk's prompts: ids and mask ``[len(rows), P]`` of its global ``rows``, from the rows
+    ``have`` that this process holds; on a pod only its devices' positions ``local`` of the chunk
+    (``[len(local), P]``; the others' are placed by their own hosts)."""
+    at = np.searchsorted(have, rows if local is None else rows[local])
+    return ids[at], mask[at]
 
 
 def _context_mesh():
@@ -839,10 +834,16 @@ def generate_chunked(
             chunk = {k: (np.asarray(v)[rows] if k in PER_ROW and v is not None else v) for k, v in kwargs.items()}
             (ids, mask), row_ids = _prompts_of(rows, local, have, prompt_ids, prompt_mask), rows.astype(np.int32)
             if rows_of:  # each device (on a pod: each host) holds only its rows
-                ids, mask, row_ids = (sharding_lib.put(x, rows_of[x.ndim]) for x in (ids, mask, row_ids))
+                if local is None:
+                    place = lambda x: sharding_lib.put(x, rows_of[x.ndim])  # noqa: E731
+                else:  # a pod: the global chunk from each host's own rows
+                    place = lambda x: sharding_lib.from_process_rows(x, rows_of[x.ndim], len(rows))  # noqa: E731
+                    row_ids = row_ids[local]
+                ids, mask, row_ids = place(ids), place(mask), place(row_ids)
                 for k in PER_ROW:
                     if chunk.get(k) is not None:
-                        chunk[k] = sharding_lib.put(chunk[k].astype(np.int32), rows_of[1])
+                        values = chunk[k].astype(np.int32)
+                        chunk[k] = place(values if local is None else values[local])
             out = generate(ref_model, ids, mask, key=key, row_ids=row_ids, **chunk)
             if pending is not None:
                 finish(*pending, pool)

@@ -133,6 +133,13 @@ def put(tree: Any, shardings: Any) -> Any:
                         is_leaf=lambda s: isinstance(s, jax.sharding.Sharding))
 
 
+def from_process_rows(local: np.ndarray, sharding: NamedSharding, rows: int) -> jax.Array:
+    """A global ``[rows, ...]`` array split over its rows by ``sharding``, from this process's rows
+    alone (``local``: the rows its devices hold, in order; a pod's host passes only what it made).
+    ``jax.make_array_from_process_local_data``; in a single process, ``local`` is every row."""
+    return jax.make_array_from_process_local_data(sharding, np.asarray(local), (rows, *np.shape(local)[1:]))
+
+
 def to_host(tree: Any) -> Any:
     """Numpy copies of a tree of arrays, whole on every process (gathered from the other processes
     where a global array has shards there)."""

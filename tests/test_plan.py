@@ -65,3 +65,23 @@ def test_device_memory_sizes_and_the_table():
     summary = dict(zip(plan.SUMMARY_KEYS, [2**30, 2 * 2**30, 3 * 2**30, 2**29, 6 * 2**30]))
     lines = plan.table(summary, 8 * 2**30).splitlines()
     assert lines[2] == "| ref_params | 1073741824 | 1.00 | 12% |" and lines[-1] == "| total | 6442450944 | 6.00 | 75% |"
+
+
+def test_a_plan_that_does_not_fit_is_refused_naming_what_to_change():
+    from qsharp_jax import config
+    from qsharp_jax.runs import RunConfig
+
+    cfg = config.load(RunConfig, RECIPE, ["value.remat=false"])
+    gib = 2**30
+
+    def refusal(ref, value, kv, train):
+        summary = dict(zip(plan.SUMMARY_KEYS, [ref * gib, value * gib, kv * gib, train * gib,
+                                               (ref + value + max(kv, train)) * gib]))
+        with pytest.raises(ValueError) as error:
+            plan.check_fits(summary, 32 * gib, cfg)
+        return str(error.value)
+
+    assert "the parameters alone exceed it: shard them" in refusal(30, 8, 1, 1)
+    assert "set value.remat=true (recompute activations), lower algorithm.batch_size=32" in refusal(8, 4, 2, 30)
+    assert "lower algorithm.rollout_slots=128" in refusal(8, 4, 30, 2)
+    plan.check_fits(dict(zip(plan.SUMMARY_KEYS, [gib] * 5)), 32 * gib, cfg)  # fits: nothing raised

@@ -53,8 +53,9 @@ def test_each_host_holds_its_devices_rows_of_every_chunk():
     have = plan.mine()
     ids = (have[:, None] * 10 + np.arange(3)).astype(np.int32)  # row r's prompt: r0, r1, r2
     chunk_ids, chunk_mask = rollout._prompts_of(plan.rows(8), plan.local, have, ids, ids > 0)
-    np.testing.assert_array_equal(chunk_ids[:2], [[80, 81, 82], [90, 91, 92]])
-    assert not chunk_ids[2:].any() and not chunk_mask[2:].any()  # the other hosts' positions: placed by them
+    # only its positions' rows: the other hosts place theirs (from_process_rows)
+    np.testing.assert_array_equal(chunk_ids, [[80, 81, 82], [90, 91, 92]])
+    np.testing.assert_array_equal(chunk_mask, chunk_ids > 0)
     everything = rollout._Chunks(n=10, size=4, starts=range(0, 10, 4), rows_of={}, local=None)
     np.testing.assert_array_equal(everything.mine(), np.arange(10))
 
@@ -71,3 +72,48 @@ def test_a_slice_of_the_wrong_rows_is_refused():
     with pytest.raises(ValueError, match=r"collect/0: 5 prompts given, but this process decodes 10 of the 10 rows"):
         rollout.generate_chunked(ref, ids, mask, key=jax.random.key(0), batch=4, total_rows=10, name="collect/0",
                                  max_new_tokens=2)
+
+
+def test_a_math_host_tokenizes_its_slice_and_the_rows_it_decodes(monkeypatch):
+    """On a pod each host tokenizes every P-th train problem (the hosts gather the lengths: which
+    problems fit decides the draw) and later only the problems of the rows it decodes; its rows
+    equal those of one process's full draw. Here host 0 of 2, the other host's lengths supplied."""
+    import jax
+
+    from qsharp_jax import distributed
+    from qsharp_jax.tasks import math_data, math_task
+
+    tok = tiny_chat_tokenizer()
+    problems = [Problem(" ".join(["one plus"] * (i % 4) + ["one"]), str(i % 4 + 1)) for i in range(10)]
+    problems[3] = Problem("one plus " * 40 + "one", "41")  # longer than max_prompt_len: never drawn
+    eos = tok.convert_tokens_to_ids("<end>")
+    single = MathTask(tok, problems, problems[:1], max_prompt_len=48, eos_id=eos)
+    n, rows = 40, np.array([1, 6, 7, 30])
+    want_ids, want_mask = single.sample_prompts(np.random.default_rng(3), n)
+    want_golds = single.golds(want_ids[rows], want_mask[rows])
+    single.close()
+
+    encoded = []
+
+    def counting(tokenizer, problem):
+        encoded.append(next(j for j, p in enumerate(problems) if p is problem))
+        return math_data.encode_prompt(tokenizer, problem)
+
+    other = np.arange(1, 10, 2)
+    monkeypatch.setattr(math_task, "encode_prompt", counting)
+    monkeypatch.setattr(jax, "process_index", lambda: 0)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(distributed, "gather_objects", lambda mine: [
+        mine, (other, [len(math_data.encode_prompt(tok, problems[i])) for i in other])])
+    with pytest.warns(UserWarning, match="1 of 10 prompts are longer than max_prompt_len=48"):
+        host = MathTask(tok, problems, problems[:1], max_prompt_len=48, eos_id=eos)
+    try:
+        assert encoded == [0, 2, 4, 6, 8]  # its slice only
+        ids, mask = host.sample_prompt_rows(np.random.default_rng(3), n, rows)
+        np.testing.assert_array_equal(ids, want_ids[rows])
+        np.testing.assert_array_equal(mask, want_mask[rows])
+        later = encoded[5:]  # the rows' problems not of its slice, each tokenized once
+        assert len(later) == len(set(later)) and set(later) <= set(other.tolist())
+        assert host.golds(ids, mask) == want_golds
+    finally:
+        host.close()

@@ -89,3 +89,15 @@ def test_cache_and_length_errors():
         model(jnp.zeros((3,), jnp.int32))
     with pytest.raises(AssertionError, match="attention_mask must have the shape of input_ids"):
         model(jnp.zeros((1, 3), jnp.int32), jnp.ones((1, 4), bool))
+
+
+def test_a_global_array_from_the_process_rows_equals_the_placed_one():
+    # one process holds every row; on a pod each host passes its own (tests/test_multihost.py)
+    mesh = sharding.make_mesh(4, 2, 1)
+    rows = np.arange(16 * 3, dtype=np.int32).reshape(16, 3)
+    for x in (rows, rows[:, 0]):
+        spec = sharding.batch_sharding(mesh, x.ndim)
+        built, placed = sharding.from_process_rows(x, spec, 16), sharding.put(x, spec)
+        assert built.sharding == placed.sharding and built.shape == x.shape
+        np.testing.assert_array_equal(np.asarray(built), x)
+        assert [s.index for s in built.addressable_shards] == [s.index for s in placed.addressable_shards]

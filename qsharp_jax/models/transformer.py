@@ -61,6 +61,11 @@ class TransformerConfig:
       tie_embeddings: the LM head is the embedding's transpose.
       sliding_window: Mistral's attention window (None: full attention).
       model_type: the Hugging Face family name, for messages and loading.
+      remat: recompute each block's activations in the backward pass instead of keeping them
+        (``jax.checkpoint``: a whole-sequence forward's gradient then holds one block's
+        activations, e.g. its attention scores, at a time, for about one more forward of compute);
+        for fitting long sequences. Decoding is unaffected. A training choice, not part of the
+        architecture: every Hugging Face family takes it.
       token_shift: > 0 adds to each position's input a second embedding of the real token that
         many positions back (a "token shift": a pair of tokens in one position, e.g. an edge's two
         ends in "a,b" with 2), so a look-up on the pair needs no previous-token head first; 0:
@@ -90,6 +95,7 @@ class TransformerConfig:
     sliding_window: int | None = None
     model_type: str = "llama"
     token_shift: int = 0
+    remat: bool = False
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -732,9 +738,8 @@ class Transformer(nnx.Module):
         if cfg.positions == "learned":
             x = x + jnp.take(self.pos_embed[...], positions, axis=0)
         inv_freq = rope_inv_freq(cfg) if cfg.positions == "rope" else None
-        new_k, new_v = [], []
-        for layer, block in enumerate(self.layers):
-            p = block.arrays()
+
+        def layer(x: jax.Array, p: dict, layer_cache: Any) -> tuple[jax.Array, Any]:
             h = _norm(cfg, x, p["attn_norm_scale"], p.get("attn_norm_bias"))
             q = linear(h, p["q"]).reshape(*h.shape[:2], *p["q"].shape[:2])
             k = linear(h, p["k"]).reshape(*h.shape[:2], *p["k"].shape[:2])
@@ -743,11 +748,7 @@ class Transformer(nnx.Module):
                 q, k, v = q + p["q_bias"], k + p["k_bias"], v + p["v_bias"]
             if inv_freq is not None:
                 q, k = _rope(q, positions, inv_freq), _rope(k, positions, inv_freq)
-            layer_cache = None if cache_kv is None else tuple(c[layer] for c in cache_kv)
             out, written = attend(q, k, v, layer_cache)
-            if written is not None:
-                new_k.append(written[0])
-                new_v.append(written[1])
             x = x + linear(out.reshape(*out.shape[:2], -1), p["o"])
             if cfg.out_bias:
                 x = x + p["o_bias"]
@@ -758,6 +759,17 @@ class Transformer(nnx.Module):
                 act = ACTIVATIONS[cfg.activation](gate) * up
             else:
                 act = ACTIVATIONS[cfg.activation](up)
-            x = x + (linear(act, p["down"]) + p["down_bias"] if cfg.mlp_bias else linear(act, p["down"]))
+            return x + (linear(act, p["down"]) + p["down_bias"] if cfg.mlp_bias else linear(act, p["down"])), written
+
+        if cfg.remat and cache_kv is None:
+            # a gradient keeps only each block's input and recomputes the rest (attention scores
+            # [B, H, T, T] above all) when it gets there: activations of one block, not of all
+            layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.nothing_saveable)
+        new_k, new_v = [], []
+        for index, block in enumerate(self.layers):
+            x, written = layer(x, block.arrays(), None if cache_kv is None else tuple(c[index] for c in cache_kv))
+            if written is not None:
+                new_k.append(written[0])
+                new_v.append(written[1])
         x = _norm(cfg, x, self.final_norm_scale[...], self.final_norm_bias[...] if cfg.norm == "layernorm" else None)
         return x, ((tuple(new_k), tuple(new_v)) if new_k else None)

@@ -183,24 +183,38 @@ def encode_prompts(tokenizer, problems: Sequence[Problem], max_prompt_len: int, 
     if pad_id is None:
         raise ValueError("the tokenizer has no pad token: pass pad_id (Llama 3: the id of "
                          "<|reserved_special_token_0|>)")
-    encoded = [tokenizer(chat_prompt(tokenizer, p.problem), add_special_tokens=False)["input_ids"] for p in problems]
-    kept = [i for i, ids in enumerate(encoded) if len(ids) <= max_prompt_len]
-    if len(kept) < len(encoded):
-        longest = max(len(ids) for ids in encoded)
-        message = (f"{len(encoded) - len(kept)} of {len(encoded)} prompts are longer than max_prompt_len="
-                   f"{max_prompt_len} tokens (longest {longest})")
-        if too_long == "error":
-            raise ValueError(message + "; raise max_prompt_len")
-        warnings.warn(message + "; they are left out", stacklevel=2)
-    if not kept:
-        raise ValueError(f"all {len(encoded)} prompts are longer than max_prompt_len={max_prompt_len} tokens "
-                         f"(shortest {min(map(len, encoded))}); raise math.max_prompt_len")
+    encoded = [encode_prompt(tokenizer, p) for p in problems]
+    kept = fitting_prompts([len(ids) for ids in encoded], max_prompt_len, too_long=too_long)
     return (*left_pad([encoded[i] for i in kept], pad_id), kept)
 
 
-def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Token lists as a left-padded batch: (ids int32 ``[n, longest]``, mask bool ``[n, longest]``)."""
-    width = max(map(len, sequences))
+def encode_prompt(tokenizer, problem: Problem) -> list[int]:
+    """One problem's chat prompt as token ids (no extra special tokens: the template writes them)."""
+    return tokenizer(chat_prompt(tokenizer, problem.problem), add_special_tokens=False)["input_ids"]
+
+
+def fitting_prompts(lengths: Sequence[int], max_prompt_len: int, *,
+                    too_long: Literal["drop", "error"] = "drop") -> list[int]:
+    """Indices of the prompts of these token ``lengths`` that fit ``max_prompt_len`` (the others:
+    a warning giving the count, or with ``too_long="error"`` refused; none fitting is refused)."""
+    kept = [i for i, n in enumerate(lengths) if n <= max_prompt_len]
+    if len(kept) < len(lengths):
+        message = (f"{len(lengths) - len(kept)} of {len(lengths)} prompts are longer than max_prompt_len="
+                   f"{max_prompt_len} tokens (longest {max(lengths)})")
+        if too_long == "error":
+            raise ValueError(message + "; raise max_prompt_len")
+        warnings.warn(message + "; they are left out", stacklevel=3)
+    if not kept:
+        raise ValueError(f"all {len(lengths)} prompts are longer than max_prompt_len={max_prompt_len} tokens "
+                         f"(shortest {min(lengths)}); raise math.max_prompt_len")
+    return kept
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, width: int | None = None
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """Token lists as a left-padded batch: (ids int32 ``[n, width]``, mask bool ``[n, width]``;
+    ``width`` defaults to the longest)."""
+    width = max(map(len, sequences)) if width is None else width
     ids = np.full((len(sequences), width), pad_id, np.int32)
     mask = np.zeros((len(sequences), width), bool)
     for row, seq in enumerate(sequences):

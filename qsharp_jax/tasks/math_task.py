@@ -13,10 +13,13 @@ import dataclasses
 from pathlib import Path
 from typing import Sequence
 
+import jax
 import numpy as np
 
+from qsharp_jax import distributed
 from qsharp_jax.tasks.math import VERIFY_TIMEOUT, AnswerChecker, extract_answer
-from qsharp_jax.tasks.math_data import Problem, encode_prompts, load_source, split_problems
+from qsharp_jax.tasks.math_data import (Problem, encode_prompt, encode_prompts, fitting_prompts, left_pad, load_source,
+                                          split_problems)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,7 +162,10 @@ class MathTask:
             raise ValueError("the tokenizer has no pad token: set math.pad_token (Llama 3: "
                              "<|reserved_special_token_0|>)")
         self._gold: dict[bytes, str] = {}  # a prompt's tokens (padding left out) -> its gold answer
-        self._train, _ = self._encode(train, max_prompt_len, "train")
+        self._train_problems, self._tokens = list(train), {}
+        if not self._train_problems:
+            raise ValueError("the train set has no problems")
+        self._train_kept, self._train_width = self._measure_train(max_prompt_len)
         self._eval, self.evaluation = self._encode(evaluation, max_prompt_len, "evaluation")
         self._checker = AnswerChecker(workers=workers, timeout=timeout)
         self.vocab_size = len(tokenizer)
@@ -189,6 +195,30 @@ class MathTask:
                    eos_id=_token_id(tokenizer, cfg.eos_token, "eos_token") if cfg.eos_token else None,
                    workers=cfg.workers, timeout=cfg.timeout)
 
+    def _measure_train(self, max_prompt_len: int) -> tuple[np.ndarray, int]:
+        """Which train problems fit ``max_prompt_len`` (they are what is drawn from) and the width
+        their prompts are padded to. On a pod each host tokenizes only every P-th problem (its
+        slice) and the hosts gather the lengths; a problem's tokens are kept for when it is drawn."""
+        index, count = jax.process_index(), jax.process_count()
+        mine = range(index, len(self._train_problems), count)
+        for i in mine:
+            self._tokens[i] = encode_prompt(self.tokenizer, self._train_problems[i])
+        lengths = np.zeros(len(self._train_problems), np.int64)
+        for rows, theirs in distributed.gather_objects((np.asarray(mine), [len(self._tokens[i]) for i in mine])):
+            lengths[rows] = theirs
+        kept = np.asarray(fitting_prompts(lengths.tolist(), max_prompt_len), np.int64)
+        return kept, int(lengths[kept].max())
+
+    def _train_prompts(self, problems: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Left-padded prompts of these train problems (tokenized when first drawn here)."""
+        for i in problems:
+            if i not in self._tokens:
+                self._tokens[i] = encode_prompt(self.tokenizer, self._train_problems[i])
+        ids, mask = left_pad([self._tokens[i] for i in problems], self.pad_id, self._train_width)
+        for row, m, i in zip(ids, mask, problems):
+            self._gold.setdefault(self._key(row, m), self._train_problems[i].answer)
+        return ids, mask
+
     def _encode(self, problems: Sequence[Problem], max_prompt_len: int, name: str):
         if not problems:
             raise ValueError(f"the {name} set has no problems")
@@ -210,10 +240,11 @@ class MathTask:
         return self.sample_prompt_rows(rng, n, np.arange(n))
 
     def sample_prompt_rows(self, rng: np.random.Generator, n: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        # the problems are encoded once, at start-up: which fit max_prompt_len decides what is drawn
-        ids, mask = self._train
-        drawn = rng.choice(len(ids), size=n, replace=n > len(ids))[rows]
-        return ids[drawn], mask[drawn]
+        # which problems fit max_prompt_len (measured at start-up) decides what is drawn; only the
+        # rows asked for are tokenized (a pod's host: the rows it decodes)
+        kept = self._train_kept
+        drawn = rng.choice(len(kept), size=n, replace=n > len(kept))[np.asarray(rows)]
+        return self._train_prompts(kept[drawn])
 
     def eval_prompts(self) -> tuple[np.ndarray, np.ndarray]:
         return self._eval
