@@ -2,6 +2,7 @@
 CPU devices from abstract parameters, with no weights anywhere. The parameter bytes are checked
 against the published parameter counts of the two checkpoints."""
 
+import os
 import re
 
 import pytest
@@ -25,6 +26,7 @@ def test_recipe_dry_run_prints_memory_per_device(capsys, monkeypatch):
         return results[-1]
 
     monkeypatch.setattr(plan, "plan", rollout_compiled)
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))  # the CLI adds its flags for later processes
     assert cli.main(["plan", RECIPE, "--no-compile"]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert re.fullmatch(" ".join(f"{k}=\\d+" for k in plan.SUMMARY_KEYS), last), last
