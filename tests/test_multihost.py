@@ -128,6 +128,20 @@ def test_cluster_detection_and_the_environment(monkeypatch):
                         ("SLURM_PROCID", "1"), ("SLURM_LOCALID", "0")):
         monkeypatch.setenv(name, value)
     assert distributed.detected_cluster() == "SlurmCluster"
+    for name in ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("OMPI_MCA_orte_hnp_uri", "12345.0;tcp://10.0.0.2:4242")  # mpirun's
+    assert distributed.detected_cluster() == "OmpiCluster"
+    monkeypatch.delenv("OMPI_MCA_orte_hnp_uri")
+    # a TPU VM of a GKE slice (JAX finds the VM by its TPU; the workers by the environment)
+    from jax._src.clusters import cloud_tpu_cluster
+
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "t1k-0,t1k-1")
+    assert distributed.detected_cluster() is None  # not on a TPU VM
+    monkeypatch.setattr(cloud_tpu_cluster, "running_in_cloud_tpu_vm", True)
+    monkeypatch.setenv("TPU_SKIP_MDS_QUERY", "1")  # no metadata server asked (the GCE detector's check)
+    assert distributed.detected_cluster() == "GkeTpuCluster"
+    monkeypatch.delenv("TPU_WORKER_HOSTNAMES")
     monkeypatch.setenv("JAX_NUM_PROCESSES", "two")
     with pytest.raises(ValueError, match=r"JAX_NUM_PROCESSES='two' must be an integer"):
         distributed.initialize()
