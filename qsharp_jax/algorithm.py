@@ -41,7 +41,7 @@ from qsharp_jax.storage import RolloutStore, atomic_write
 from qsharp_jax.tasks import Task, prompt_rows
 from qsharp_jax.train import OptimizerConfig, TrainState, fit, init_state, make_optimizer, make_train_epoch, state_shardings
 
-__all__ = ["AlgorithmConfig", "Task", "check_setup", "evaluate", "guidance_args", "latest_state", "run", "sampling_settings"]
+__all__ = ["AlgorithmConfig", "Task", "check_mesh", "check_setup", "evaluate", "guidance_args", "latest_state", "run", "sampling_settings"]
 
 Guidance = Literal["qsharp", "cd", "bernoulli"]
 ValueLoss = Literal["categorical", "bernoulli", "mse", "categorical_bellman"]
@@ -172,6 +172,21 @@ def check_setup(cfg: AlgorithmConfig, task: Task, ref: Transformer, value: Value
                          f"[{head.v_min:g}, {head.v_max:g}]; set head.v_min / head.v_max to cover the rewards")
 
 
+def check_mesh(cfg: AlgorithmConfig, mesh: Mesh | None) -> None:
+    """A train step splits whole examples over the mesh's data × fsdp devices, so
+    ``cfg.batch_size`` must be a multiple of their count (rollout chunks are rounded up
+    themselves). None: one device, nothing to check."""
+    if mesh is None:
+        return
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if cfg.batch_size % shards:
+        up = shards * -(-cfg.batch_size // shards)
+        raise ValueError(f"algorithm.batch_size={cfg.batch_size} does not split over the mesh's data x fsdp = "
+                         f"{shards} devices (each takes whole examples): set algorithm.batch_size={up} (or another "
+                         f"multiple of {shards}), or move devices to the tensor axis (mesh=[data, fsdp, tensor] with "
+                         f"data x fsdp dividing {cfg.batch_size})")
+
+
 def _check_positions(cfg: AlgorithmConfig, task: Task, ref: Transformer, value: ValueModel) -> None:
     """Prompts plus responses must fit the models' positions: an error for learned position tables
     (GPT-2), a warning beyond a RoPE model's trained context."""
@@ -233,6 +248,7 @@ def run(
     loss per response position on held-out data), recorded with that iteration's metrics.
     """
     check_setup(cfg, task, ref, value)
+    check_mesh(cfg, mesh)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     with RunLock(run_dir) if lock and jax.process_index() == 0 else contextlib.nullcontext():

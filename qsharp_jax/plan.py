@@ -21,6 +21,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from qsharp_jax import objectives, rollout
+from qsharp_jax.algorithm import check_mesh
 from qsharp_jax import sharding as sharding_lib
 from qsharp_jax.models import hf
 from qsharp_jax.models.transformer import Transformer, TransformerConfig
@@ -61,7 +62,7 @@ def shapes_of(cfg: RunConfig, mesh: Mesh) -> Shapes:
     rows = min(algo.rollout_batch, algo.prompts_per_iteration * algo.samples_per_prompt)
     prompt_len = cfg.math.max_prompt_len if cfg.task == "math" else 16
     return Shapes(rollout_rows=shards * math.ceil(rows / shards), prompt_len=prompt_len,
-                  new_tokens=algo.max_new_tokens, train_batch=shards * math.ceil(algo.batch_size / shards),
+                  new_tokens=algo.max_new_tokens, train_batch=algo.batch_size,  # whole shards (check_mesh)
                   train_len=prompt_len + algo.max_new_tokens,
                   cache_rows=algo.rollout_slots)  # continuous batching: caches and logits are the slots'
 
@@ -130,6 +131,7 @@ def plan(cfg: RunConfig, *, compile: bool | tuple[str, ...] = True, report: Call
         raise ValueError("qsharp plan covers the Monte-Carlo value losses; categorical_bellman also runs π_ref "
                          "inside the train step and is not planned yet")
     mesh = sharding_lib.make_mesh(*(cfg.mesh or (-1, 1, 1)))
+    check_mesh(cfg.algorithm, mesh)  # what the run itself would refuse
     shapes = shapes_of(cfg, mesh)
     algo = cfg.algorithm
     ref_cfg, value_cfg = cfg.reference.transformer_config(), cfg.value.transformer_config()

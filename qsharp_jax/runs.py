@@ -98,6 +98,7 @@ def start_or_resume(cfg: RunConfig, *, progress: bool = True) -> list[dict[str, 
     config = config_lib.as_json(cfg)
     task, ref, value = build(cfg)
     mesh = run_mesh(cfg)
+    algorithm.check_mesh(cfg.algorithm, mesh)
     distributed.check_same_everywhere("the config", config)
     distributed.on_main("run/writable", lambda: _make_writable(run_dir))
     distributed.check_shared_directory(run_dir)

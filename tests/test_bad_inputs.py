@@ -49,6 +49,7 @@ def _cases(tmp: Path, done: Path) -> list[tuple[str, list[str]]]:
         ("unknown task", ["train", TOY, run, "task=chess"]),
         ("mesh of the wrong length", ["train", TOY, run, "mesh=[2,2]"]),
         ("mesh that does not match the devices", ["train", TOY, run, "mesh=[3,1,1]"]),
+        ("train batch that does not split over the mesh", ["train", TOY, run, "mesh=[8,1,1]", "algorithm.batch_size=4"]),
         ("multi-host start-up without the coordinator's address",
          ["train", TOY, run, "--num-processes", "2", "--process-id", "0"]),
         ("a process id outside the job",

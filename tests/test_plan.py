@@ -87,3 +87,13 @@ def test_a_plan_that_does_not_fit_is_refused_naming_what_to_change():
     assert "set value.remat=true (recompute activations), lower algorithm.batch_size=32" in refusal(8, 4, 2, 30)
     assert "lower algorithm.rollout_slots=128" in refusal(8, 4, 30, 2)
     plan.check_fits(dict(zip(plan.SUMMARY_KEYS, [gib] * 5)), 32 * gib, cfg)  # fits: nothing raised
+
+
+def test_a_batch_that_does_not_split_over_the_mesh_is_refused_before_lowering():
+    from qsharp_jax import config
+    from qsharp_jax.runs import RunConfig
+
+    cfg = config.load(RunConfig, RECIPE, ["mesh=[8,1,1]", "algorithm.batch_size=12"])
+    with pytest.raises(ValueError, match=r"algorithm.batch_size=12 does not split over the mesh's data x fsdp = 8 "
+                                         r"devices .*set algorithm.batch_size=16"):
+        plan.plan(cfg, compile=False)
