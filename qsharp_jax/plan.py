@@ -21,8 +21,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from qsharp_jax import objectives, rollout
-from qsharp_jax.algorithm import check_mesh
 from qsharp_jax import sharding as sharding_lib
+from qsharp_jax.algorithm import check_mesh
 from qsharp_jax.models import hf
 from qsharp_jax.models.transformer import Transformer, TransformerConfig
 from qsharp_jax.models.value import ValueModel
