@@ -159,8 +159,8 @@ def _plan(args: argparse.Namespace) -> int:
     import os
 
     # before JAX starts: N fake CPU devices stand in for a pod's accelerators, and XLA:CPU schedules
-    # for memory as accelerators do under pressure (its default hoists work for concurrency, e.g. a
-    # remat'd block's recomputation to the start of the backward pass, which hides what remat saves)
+    # for memory as accelerators do under pressure (under its default, ordered for concurrency, a
+    # remat'd gradient held as much as a plain one: 8 blocks 434 vs 426 MB; memory-ordered 40 vs 295)
     flags = [os.environ.get("XLA_FLAGS", ""), "--xla_cpu_enable_concurrency_optimized_scheduler=false"]
     if args.cpu_devices:
         os.environ["JAX_PLATFORMS"] = "cpu"
