@@ -48,7 +48,6 @@ def test_remat_gives_the_same_loss_and_gradients(architecture, token_shift):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7), g0, g1)
 
 
-
 def planned_train_activations(*overrides: str) -> int:
     """``qsharp plan``'s train activations per device for the planted-token config at a larger
     size (a process of its own: the plan sets XLA's scheduler before JAX starts)."""

@@ -201,20 +201,21 @@ class MathTask:
         slice) and the hosts gather the lengths; a problem's tokens are kept for when it is drawn."""
         index, count = jax.process_index(), jax.process_count()
         mine = range(index, len(self._train_problems), count)
-        for i in mine:
-            self._tokens[i] = encode_prompt(self.tokenizer, self._train_problems[i])
         lengths = np.zeros(len(self._train_problems), np.int64)
-        for rows, theirs in distributed.gather_objects((np.asarray(mine), [len(self._tokens[i]) for i in mine])):
+        for rows, theirs in distributed.gather_objects((np.asarray(mine), [len(self._train_tokens(i)) for i in mine])):
             lengths[rows] = theirs
         kept = np.asarray(fitting_prompts(lengths.tolist(), max_prompt_len), np.int64)
         return kept, int(lengths[kept].max())
 
+    def _train_tokens(self, i: int) -> list[int]:
+        """Train problem ``i``'s prompt tokens, tokenized once on this host."""
+        if i not in self._tokens:
+            self._tokens[i] = encode_prompt(self.tokenizer, self._train_problems[i])
+        return self._tokens[i]
+
     def _train_prompts(self, problems: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Left-padded prompts of these train problems (tokenized when first drawn here)."""
-        for i in problems:
-            if i not in self._tokens:
-                self._tokens[i] = encode_prompt(self.tokenizer, self._train_problems[i])
-        ids, mask = left_pad([self._tokens[i] for i in problems], self.pad_id, self._train_width)
+        ids, mask = left_pad([self._train_tokens(i) for i in problems], self.pad_id, self._train_width)
         for row, m, i in zip(ids, mask, problems):
             self._gold.setdefault(self._key(row, m), self._train_problems[i].answer)
         return ids, mask
