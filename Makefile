@@ -47,8 +47,8 @@ tabular: install
 
 bench: install-dev
 	$(PY) -m experiments.bench.fit_bench
-	$(PY) -m experiments.bench.math_bench
 	$(PY) -m experiments.bench.rollout_bench
+	$(PY) -m experiments.bench.math_bench
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis

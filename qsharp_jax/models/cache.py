@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
+
+# ``KVCache.start`` of a ring row whose sequence has ended (it wrote padding): it reads no slot.
+ENDED = np.iinfo(np.int32).max
 
 
 @struct.dataclass
@@ -29,7 +33,13 @@ class KVCache:
         True (continuous batching): one token per call, written at slot ``index % max_len``; every
         slot whose ``kv_mask`` is True is attended to (slot order does not matter: positions are
         per slot), so a sequence may wrap around as long as it never spans more than ``max_len``
-        slots, and a row may be refilled with a new sequence (:func:`refill`) at any step.
+        slots, and a row may be refilled with a new sequence (:func:`refill`) at any step. A row
+        that writes padding has ended: its slots are no longer attended to, and a real token
+        written to it later starts a sequence without context (a refill gives it a prompt).
+      start: int32 ``[batch]``, a ring row's first slot as an unwrapped count like ``index``
+        (``ENDED`` once the row has ended; zeros and unused without a ring). Attention to a ring
+        reads only the last ``index - min(start)`` slots, in whole blocks: the longest live row's
+        span, not the whole ring.
     """
 
     k: tuple[jax.Array, ...]
@@ -39,6 +49,7 @@ class KVCache:
     positions: jax.Array
     index: jax.Array
     recent: jax.Array
+    start: jax.Array
     ring: bool = struct.field(pytree_node=False, default=False)
 
     @property
@@ -58,7 +69,17 @@ class KVCache:
             positions=jnp.zeros((batch,), jnp.int32),
             index=jnp.zeros((), jnp.int32),
             recent=jnp.full((batch, token_shift), -1, jnp.int32),
+            start=jnp.zeros((batch,), jnp.int32),
         )
+
+
+def written(cache: KVCache, kv_mask: jax.Array, real: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(start, kv_mask)`` after one slot per row was written at ``cache.index`` (``kv_mask``
+    updated), rows ``real [B]`` with a real token: in a ring the others end (no slot attended to)
+    and a real token after an end starts a sequence; without a ring nothing changes."""
+    if not cache.ring:
+        return cache.start, kv_mask
+    return jnp.where(real, jnp.minimum(cache.start, cache.index), ENDED), kv_mask & real[:, None]
 
 
 def refill(cache: KVCache, fresh: KVCache, source: jax.Array) -> KVCache:
@@ -66,7 +87,7 @@ def refill(cache: KVCache, fresh: KVCache, source: jax.Array) -> KVCache:
 
     ``fresh`` is a prefill of R prompts into its own (non-ring) cache of P slots; its slots go to
     the P ring slots before ``cache.index`` (wrapping), the row's other slots are masked out, and
-    its positions and token-shift history become the prompt's. The next token of those rows is
+    its positions and token-shift history become the prompt's, its ``start`` the first of those slots. The next token of those rows is
     written at ``cache.index`` like every other row's, so a sequence of P + N tokens spans P + N
     slots. Rows are selected, not scattered into, so a cache split over devices by rows stays
     split (a scatter along the sharded axis would gather every row on every device).
@@ -95,4 +116,5 @@ def refill(cache: KVCache, fresh: KVCache, source: jax.Array) -> KVCache:
         kv_positions=place(cache.kv_positions, fresh.kv_positions),
         positions=rows(cache.positions, fresh.positions),
         recent=rows(cache.recent, fresh.recent),
+        start=jnp.where(taken, cache.index - p, cache.start),
     )

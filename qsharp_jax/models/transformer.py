@@ -20,6 +20,7 @@ Three ways to run the layers:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, Literal
 
@@ -30,7 +31,7 @@ import numpy as np
 from flax import nnx
 
 from qsharp_jax import _validate
-from qsharp_jax.models.cache import KVCache
+from qsharp_jax.models.cache import KVCache, written
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
@@ -277,25 +278,37 @@ def _attention_with_paths(
 
 _ALONE = np.ones((1, 1), bool)  # a path of one token sees itself
 
-# Attention to a cache reads it in blocks of this many slots, up to the last one written: a decode
-# step's attention costs what the sequences hold so far, not the preallocated length.
+# Attention to a cache reads it in blocks of this many slots, up to the last one written (a ring: back
+# to the longest live row's first slot): a decode step's attention costs what the sequences hold so
+# far, not the preallocated length.
 CACHE_BLOCK = 128
 
 
-def _over_filled(fn: Callable, filled: jax.Array | None, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """``fn(k, v, mask)`` over the cache's first ``filled`` slots rounded up to whole blocks.
+def _over_filled(fn: Callable, k: jax.Array, v: jax.Array, mask: jax.Array, end: jax.Array,
+                 need: jax.Array | None = None) -> jax.Array:
+    """``fn(k, v, mask)`` over the cache slots that hold something, in whole blocks.
 
-    k, v: ``[B, K, S, D]``; mask: ``[..., S]``. One branch per block count (static shapes each) is
-    picked by ``lax.switch``; the slots left out are unwritten, so masked: the result is the
-    same. ``filled`` None (a ring cache, whose live slots are anywhere) or a cache of one block:
-    the whole cache.
+    k, v: ``[B, K, S, D]``; mask: ``[..., S]``. ``need`` None: slots fill in order and the first
+    ``end`` are read. Else (a ring) the last ``need`` slots before ``end``, wrapping (gathered). The
+    count is rounded up to whole blocks (all slots at most), one branch per count (static shapes
+    each) picked by ``lax.switch``; the slots left out are masked anyway: the result is the same.
     """
     slots = k.shape[2]
     sizes = [*range(CACHE_BLOCK, slots, CACHE_BLOCK), slots]
-    if filled is None or len(sizes) == 1:
+    if len(sizes) == 1:
         return fn(k, v, mask)
-    branches = [lambda k, v, m, n=n: fn(k[:, :, :n], v[:, :, :n], m[..., :n]) for n in sizes]
-    return jax.lax.switch(jnp.clip((filled - 1) // CACHE_BLOCK, 0, len(sizes) - 1), branches, k, v, mask)
+    count = end if need is None else need
+
+    def over(n, k, v, m):
+        if n == slots:
+            return fn(k, v, m)
+        if need is None:
+            return fn(k[:, :, :n], v[:, :, :n], m[..., :n])
+        at = (end - n + jnp.arange(n)) % slots
+        return fn(jnp.take(k, at, axis=2), jnp.take(v, at, axis=2), jnp.take(m, at, axis=-1))
+
+    branches = [functools.partial(over, n) for n in sizes]
+    return jax.lax.switch(jnp.clip((count - 1) // CACHE_BLOCK, 0, len(sizes) - 1), branches, k, v, mask)
 
 
 def _heads_major(x: jax.Array) -> jax.Array:
@@ -462,18 +475,19 @@ class Transformer(nnx.Module):
         idx = cache.index % slots if cache.ring else cache.index
         positions = cache.positions[:, None] + jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
         kv_mask = jax.lax.dynamic_update_slice(cache.kv_mask, mask, (0, idx))
+        start, kv_mask = written(cache, kv_mask, mask[:, 0])  # t == 1 in a ring
         kv_positions = jax.lax.dynamic_update_slice(cache.kv_positions, positions.astype(jnp.int32), (0, idx))
         allowed = kv_mask[:, None, :]
         if not cache.ring:  # slots fill in order: causal by slot (a ring holds only the past and this token)
             allowed = allowed & (jnp.arange(slots)[None, None, :] <= (idx + jnp.arange(t))[None, :, None])
         allowed &= self._window(positions, kv_positions)
+        window = (idx + 1, cache.index + 1 - jnp.min(start)) if cache.ring else (idx + t,)
 
         def attend(q, k, v, layer_cache):
             k_all, v_all = layer_cache
             k_all = jax.lax.dynamic_update_slice(k_all, _heads_major(k).astype(k_all.dtype), (0, 0, idx, 0))
             v_all = jax.lax.dynamic_update_slice(v_all, _heads_major(v).astype(v_all.dtype), (0, 0, idx, 0))
-            out = _over_filled(lambda k, v, m: attention(q, k, v, m), None if cache.ring else idx + t, k_all, v_all,
-                               allowed)
+            out = _over_filled(lambda k, v, m: attention(q, k, v, m), k_all, v_all, allowed, *window)
             return out, (k_all, v_all)
 
         back, recent = self._shift_back(input_ids, mask, cache.recent)
@@ -483,6 +497,7 @@ class Transformer(nnx.Module):
         cache = cache.replace(
             k=new_k, v=new_v, kv_mask=kv_mask, kv_positions=kv_positions,
             positions=cache.positions + jnp.sum(mask, axis=1, dtype=jnp.int32), index=cache.index + t, recent=recent,
+            start=start,
         )
         return x, cache
 
@@ -508,7 +523,7 @@ class Transformer(nnx.Module):
             v_new = _heads_major(v_new).astype(v_past.dtype)
             out = _over_filled(lambda k, v, m: _attention_with_paths(q, k, v, m, k_new[:, :, :, None],
                                                                      v_new[:, :, :, None], _ALONE),
-                               self._filled(cache), k_past, v_past, past)
+                               k_past, v_past, past, *self._filled(cache))
             return out, (k_new, v_new)
 
         back = None
@@ -556,7 +571,7 @@ class Transformer(nnx.Module):
             k_own = jnp.concatenate([k_pre, _heads_major(k_new).astype(k_past.dtype).reshape(shape)], axis=3)
             v_own = jnp.concatenate([v_pre, _heads_major(v_new).astype(v_past.dtype).reshape(shape)], axis=3)
             out = _over_filled(lambda k, v, m: _attention_with_paths(q, k, v, m, k_own, v_own, own_mask),
-                               self._filled(cache), k_past, v_past, past)
+                               k_past, v_past, past, *self._filled(cache))
             return out, (k_pre, v_pre) if siblings else (k_own, v_own)
 
         back = None
@@ -639,9 +654,9 @@ class Transformer(nnx.Module):
         if self.cfg.token_shift:
             token = jnp.take_along_axis(candidate_kv[2], choice[:, None], axis=1)
             recent = jnp.where(active[:, None], jnp.concatenate([recent[:, 1:], token.astype(jnp.int32)], axis=1), recent)
+        start, kv_mask = written(cache, jax.lax.dynamic_update_slice(cache.kv_mask, active[:, None], (0, idx)), active)
         return cache.replace(
-            k=k, v=v,
-            kv_mask=jax.lax.dynamic_update_slice(cache.kv_mask, active[:, None], (0, idx)),
+            k=k, v=v, kv_mask=kv_mask, start=start,
             kv_positions=jax.lax.dynamic_update_slice(cache.kv_positions, cache.positions[:, None], (0, idx)),
             positions=cache.positions + active.astype(jnp.int32),
             index=cache.index + 1, recent=recent,
@@ -680,9 +695,11 @@ class Transformer(nnx.Module):
         return (q_positions[:, :, None] - k_positions[:, None, :]) < self.cfg.sliding_window
 
     @staticmethod
-    def _filled(cache: KVCache) -> jax.Array | None:
-        """Slots written so far (None: a ring, any slot may be live)."""
-        return None if cache.ring else cache.index
+    def _filled(cache: KVCache) -> tuple[jax.Array, ...]:
+        """:func:`_over_filled`'s ``(end, need)`` for the slots a cache holds."""
+        if not cache.ring:
+            return (cache.index,)
+        return cache.index % cache.max_len, cache.index - jnp.min(cache.start)
 
     def _cached_keys(self, cache: KVCache, positions: jax.Array) -> jax.Array:
         """bool ``[B, T or 1, S]``: the cache slots that queries at ``positions [B, T]`` attend to."""
