@@ -350,8 +350,10 @@ def make_train_step(
                      donate_argnums=0)
 
     def sharded_step(state: TrainState, batch: Batch, extra: Any = None, halt: jax.Array | bool = False):
-        # committed inputs carry their shardings into the jit: the state's are the step's
-        return jitted(sharding_lib.put(state, shardings), sharding_lib.put(batch, batch_sharding), extra, halt)
+        # committed inputs carry their shardings into the jit: the state's are the step's; the mesh
+        # in context lets a Pallas attention kernel split itself over it (models.flash)
+        with jax.set_mesh(mesh):
+            return jitted(sharding_lib.put(state, shardings), sharding_lib.put(batch, batch_sharding), extra, halt)
 
     sharded_step.jitted = jitted  # for lowering from abstract inputs (qsharp plan)
     return sharded_step

@@ -60,6 +60,8 @@ def _cases(tmp: Path, done: Path) -> list[tuple[str, list[str]]]:
         ("loss the head cannot fit", ["train", TOY, run, "algorithm.loss=bernoulli"]),
         ("guidance the head cannot give", ["train", TOY, run, "algorithm.guidance=bernoulli"]),
         ("value and π_ref vocabularies differ", ["train", TOY, run, "value.vocab_size=9"]),
+        ("unknown attention kernel", ["train", TOY, run, "value.attention_kernel=flash"]),
+        ("an attention kernel this machine lacks", ["train", TOY, run, "value.attention_kernel=cudnn"]),
         ("negative learning rate", ["train", TOY, run, "algorithm.optimizer.learning_rate=-1"]),
         ("a learning rate so large that the fit diverges",
          ["train", TOY, f"run_dir={tmp}/diverged", *TINY, "algorithm.optimizer.learning_rate=1e30"]),

@@ -1,5 +1,7 @@
 """Value-model training: schedules, the Monte-Carlo value losses, the jitted step, sharding."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +9,7 @@ import pytest
 from flax import nnx
 
 from qsharp_jax import losses, sharding
+from qsharp_jax.models import flash
 from qsharp_jax.models.transformer import Transformer, TransformerConfig
 from qsharp_jax.models.value import HeadConfig, ValueModel
 from qsharp_jax.objectives import bellman_value_loss, reference_inputs, value_loss
@@ -105,14 +108,25 @@ def test_train_step_learns_the_planted_reward(kind, head):
     assert int(state.step) == 150
 
 
-def test_sharded_step_equals_single_device():
+@pytest.mark.parametrize("kernel", ["xla", "pallas"])
+def test_sharded_step_equals_single_device(monkeypatch, kernel):
+    """And with a Pallas attention kernel (a GPU faked, the kernel interpreted), which the sharded
+    step splits over the mesh itself, against XLA attention on one device."""
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
     optimizer = make_optimizer(OptimizerConfig(learning_rate=1e-2, warmup_steps=2, decay_steps=10))
     loss_fn = lambda m, b: value_loss(m, b)  # noqa: E731
     batch = toy_batch(n=8)
+    kernels = []
+    if kernel == "pallas":
+        pallas = flash._pallas
+        monkeypatch.setattr(flash, "_platform", lambda: "gpu")
+        monkeypatch.setattr(flash, "_pallas", lambda *a, **k: kernels.append(k["kernel"]) or pallas(*a, **k))
 
     def run(mesh):
-        state = init_state(ValueModel(CFG, HeadConfig(), rngs=nnx.Rngs(2)), optimizer, jax.random.key(0))
+        model = ValueModel(CFG, HeadConfig(), rngs=nnx.Rngs(2))
+        if mesh is not None:
+            model.backbone.cfg = dataclasses.replace(CFG, attention_kernel=kernel)
+        state = init_state(model, optimizer, jax.random.key(0))
         if mesh is not None:
             state = jax.device_put(state, state_shardings(state, mesh))
         step = make_train_step(loss_fn, optimizer, mesh, state)
@@ -129,6 +143,7 @@ def test_sharded_step_equals_single_device():
     for a, b in zip(jax.tree.leaves(single.params), jax.tree.leaves(sharded.params)):
         np.testing.assert_allclose(a, b, atol=1e-5)
     np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-5)
+    assert kernels == (["pallas_gpu"] * CFG.num_layers if kernel == "pallas" else [])
 
 
 @pytest.mark.parametrize("on_mesh", [False, True])

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from qsharp_jax.models import gpt2
+from qsharp_jax.models import flash, gpt2
 from qsharp_jax.models.hf import config_from_hf, from_hf, read_config
 from qsharp_jax.models.presets import check_matches, preset_config
 from qsharp_jax.models.transformer import Transformer, TransformerConfig, identity_qk
@@ -44,6 +44,9 @@ class ModelSpec:
         block's activations at a time, for about a third more compute; what lets a 1B value model
         fit 1,536-token rows on an 80 GiB device (``qsharp plan`` shows the figures). Any model,
         ``hf_path`` included; decoding is unaffected.
+      attention_kernel: the attention kernel of fitting and scoring forwards: ``auto`` (chosen per
+        platform: Pallas flash on TPU, cuDNN flash on GPU for bfloat16, XLA on CPU), ``xla``,
+        ``pallas`` or ``cudnn`` (:mod:`qsharp_jax.models.flash`). Any model, ``hf_path`` included.
     """
 
     hf_path: str | None = None
@@ -60,8 +63,11 @@ class ModelSpec:
     qk_identity: float = 0.0
     token_shift: int = 0
     remat: bool = False
+    attention_kernel: Literal["auto", "xla", "pallas", "cudnn"] = "auto"
 
     def __post_init__(self):
+        if self.attention_kernel not in flash.KERNELS:
+            raise ValueError(f"attention_kernel must be one of {flash.KERNELS}, got {self.attention_kernel!r}")
         if self.preset:
             preset_config(self.preset)  # an unknown name fails with the known ones
         for name in ("qk_identity", "token_shift"):
@@ -73,8 +79,8 @@ class ModelSpec:
 
     def transformer_config(self) -> TransformerConfig:
         """The architecture: ``hf_path``'s config.json when the directory is there, else the
-        preset's, else a fresh decoder of the sizes given (with ``remat``)."""
-        return dataclasses.replace(self._architecture(), remat=self.remat)
+        preset's, else a fresh decoder of the sizes given (with ``remat`` and ``attention_kernel``)."""
+        return dataclasses.replace(self._architecture(), remat=self.remat, attention_kernel=self.attention_kernel)
 
     def _architecture(self) -> TransformerConfig:
         if self.hf_path and Path(self.hf_path).is_dir():
@@ -114,10 +120,11 @@ def check_dtype_runs(dtype, devices=None) -> None:
 def build_reference(spec: ModelSpec, dtype=None) -> Transformer:
     dtype = jnp.dtype(spec.dtype) if dtype is None else dtype
     check_dtype_runs(dtype)
+    flash.choose(spec.attention_kernel, dtype, segments_suffice=True)  # a kernel this platform lacks: refused now
     if spec.hf_path:
         if spec.preset:
             check_matches(spec.preset, read_config(spec.hf_path), spec.hf_path)
-        return with_remat(from_hf(spec.hf_path, dtype=dtype), spec.remat)
+        return with_options(from_hf(spec.hf_path, dtype=dtype), spec)
     model = Transformer(spec.transformer_config(), dtype=dtype, rngs=nnx.Rngs(spec.seed))
     return identity_qk(model, spec.qk_identity) if spec.qk_identity else model
 
@@ -125,11 +132,12 @@ def build_reference(spec: ModelSpec, dtype=None) -> Transformer:
 def build_value(spec: ModelSpec, head: HeadConfig, dtype=None) -> ValueModel:
     dtype = jnp.dtype(spec.dtype) if dtype is None else dtype
     check_dtype_runs(dtype)
+    flash.choose(spec.attention_kernel, dtype, segments_suffice=True)  # a kernel this platform lacks: refused now
     if spec.hf_path:
         if spec.preset:
             check_matches(spec.preset, read_config(spec.hf_path), spec.hf_path)
         value = value_from_hf(spec.hf_path, head, seed=spec.seed, dtype=dtype)
-        with_remat(value.backbone, spec.remat)
+        with_options(value.backbone, spec)
         return value
     value = value_from_scratch(spec.transformer_config(), head, seed=spec.seed, dtype=dtype)
     if spec.qk_identity:
@@ -137,9 +145,10 @@ def build_value(spec: ModelSpec, head: HeadConfig, dtype=None) -> ValueModel:
     return value
 
 
-def with_remat(model: Transformer, remat: bool) -> Transformer:
-    """``model`` (changed in place) recomputing its blocks in backward passes or not."""
-    model.cfg = dataclasses.replace(model.cfg, remat=remat)
+def with_options(model: Transformer, spec: ModelSpec) -> Transformer:
+    """``model`` (changed in place) with ``spec``'s ``remat`` and ``attention_kernel``: how it runs,
+    which its Hugging Face config does not say."""
+    model.cfg = dataclasses.replace(model.cfg, remat=spec.remat, attention_kernel=spec.attention_kernel)
     return model
 
 

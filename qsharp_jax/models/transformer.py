@@ -31,6 +31,7 @@ import numpy as np
 from flax import nnx
 
 from qsharp_jax import _validate
+from qsharp_jax.models import flash
 from qsharp_jax.models.cache import KVCache, written
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -67,6 +68,10 @@ class TransformerConfig:
         activations, e.g. its attention scores, at a time, for about one more forward of compute);
         for fitting long sequences. Decoding is unaffected. A training choice, not part of the
         architecture: every Hugging Face family takes it.
+      attention_kernel: the attention of whole-sequence forwards (fitting, scoring): ``auto``
+        (Pallas flash on TPU, cuDNN flash on GPU in bfloat16/float16, Pallas otherwise, XLA on
+        CPU), ``xla``, ``pallas`` or ``cudnn`` (see :mod:`qsharp_jax.models.flash`). Same results
+        up to rounding; decoding is unaffected. Like ``remat``, not part of the architecture.
       token_shift: > 0 adds to each position's input a second embedding of the real token that
         many positions back (a "token shift": a pair of tokens in one position, e.g. an edge's two
         ends in "a,b" with 2), so a look-up on the pair needs no previous-token head first; 0:
@@ -97,8 +102,11 @@ class TransformerConfig:
     model_type: str = "llama"
     token_shift: int = 0
     remat: bool = False
+    attention_kernel: str = "auto"
 
     def __post_init__(self):
+        if self.attention_kernel not in flash.KERNELS:
+            raise ValueError(f"attention_kernel must be one of {flash.KERNELS}, got {self.attention_kernel!r}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
         if self.activation not in ACTIVATIONS:
@@ -404,6 +412,7 @@ class Transformer(nnx.Module):
                 found = jnp.sum(jnp.where(hit, input_ids[:, None, :], 0), axis=-1)
                 back = jnp.where(mask & jnp.any(hit, axis=-1), found, -1).astype(jnp.int32)
         elif segment_ids is None:
+            runs = jnp.ones_like(mask, jnp.int32)
             positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
             back = self._shift_back(input_ids, mask, self._no_recent(input_ids.shape[0]))[0]
         else:
@@ -414,6 +423,7 @@ class Transformer(nnx.Module):
             at = jnp.arange(t)
             starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool),
                                       segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+            runs = jnp.cumsum(starts, axis=1, dtype=jnp.int32)  # each sequence's ordinal, from 1
             start = jax.lax.cummax(jnp.where(starts, at, 0), axis=1)  # where each token's sequence starts
             positions = at - start
             back = None
@@ -422,9 +432,17 @@ class Transformer(nnx.Module):
                 back = jnp.where(mask & (src >= start), jnp.take_along_axis(
                     input_ids, jnp.broadcast_to(jnp.maximum(src, 0), input_ids.shape), axis=1), -1).astype(jnp.int32)
         allowed &= self._window(positions, positions)
+        # a fused kernel's mask: the sequence's ordinal at real tokens, 0 at padding (which then
+        # sees earlier padding only: its states are meaningless either way)
+        segments = None
+        if branch_ids is None and (self.cfg.sliding_window is None or t <= self.cfg.sliding_window):
+            segments = jnp.where(mask, runs, 0)
+        kernel = flash.choose(self.cfg.attention_kernel, self.dtype, segments_suffice=segments is not None)
 
         def attend(q, k, v, _):
-            return attention(q, _heads_major(k), _heads_major(v), allowed), None
+            if kernel == "xla":
+                return attention(q, _heads_major(k), _heads_major(v), allowed), None
+            return flash.fused_attention(q, k, v, allowed | jnp.eye(t, dtype=bool), segments, kernel), None
 
         x, _ = self._run(input_ids, positions, attend, None, back)
         return x
