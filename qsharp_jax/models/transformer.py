@@ -69,7 +69,7 @@ class TransformerConfig:
         for fitting long sequences. Decoding is unaffected. A training choice, not part of the
         architecture: every Hugging Face family takes it.
       attention_kernel: the attention of whole-sequence forwards (fitting, scoring): ``auto``
-        (Pallas flash on TPU, cuDNN flash on GPU in bfloat16/float16, Pallas otherwise, XLA on
+        (Pallas flash on TPU, cuDNN flash on GPU in bfloat16/float16 and Pallas in float32, XLA on
         CPU), ``xla``, ``pallas`` or ``cudnn`` (see :mod:`qsharp_jax.models.flash`). Same results
         up to rounding; decoding is unaffected. Like ``remat``, not part of the architecture.
       token_shift: > 0 adds to each position's input a second embedding of the real token that
