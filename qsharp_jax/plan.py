@@ -180,7 +180,7 @@ def plan(cfg: RunConfig, *, compile: bool | tuple[str, ...] = True, report: Call
     programs = {
         "rollout": lambda: _lower_on(mesh, jax.jit(collect), ref_state, value_state, prompt_ids, prompt_mask, key,
                                      switch),
-        "train_step": lambda: step.jitted.lower(train_state, batch, None, False),
+        "train_step": lambda: _lower_on(mesh, step.jitted, train_state, batch, None, False),  # as the run does
     }
     memory: dict[str, dict[str, int]] = {}
     for name, lower in programs.items():
@@ -218,8 +218,9 @@ def plan(cfg: RunConfig, *, compile: bool | tuple[str, ...] = True, report: Call
 
 
 def _lower_on(mesh: Mesh, fn, *args):
-    """``fn.lower(*args)`` with ``mesh`` as the context mesh: the continuous loop lays its slots out
-    on it (under jit, traced parameters do not say which mesh they are on)."""
+    """``fn.lower(*args)`` with ``mesh`` as the context mesh, as the run has it: the continuous loop
+    lays its slots out on it and a Pallas attention kernel splits itself over it (under jit, traced
+    parameters do not say which mesh they are on)."""
     with jax.set_mesh(mesh):
         return fn.lower(*args)
 

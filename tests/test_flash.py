@@ -125,32 +125,44 @@ def test_a_fit_on_an_accelerator_equals_xla(monkeypatch, platform):
 
 def test_each_platform_gets_its_kernel():
     choose = flash.choose
-    table = {  # (setting, platform, dtype, segments suffice) -> kernel
-        ("auto", "cpu", jnp.float32, True): "xla",
-        ("auto", "cpu", jnp.bfloat16, True): "xla",
-        ("auto", "tpu", jnp.bfloat16, True): "pallas_tpu",
-        ("auto", "tpu", jnp.bfloat16, False): "xla",  # shared-prompt branches: no segment form
-        ("auto", "gpu", jnp.bfloat16, True): "cudnn",
-        ("auto", "gpu", jnp.bfloat16, False): "cudnn",  # cuDNN takes any mask
-        ("auto", "gpu", jnp.float32, True): "pallas_gpu",  # cuDNN's flash kernel is half precision only
-        ("auto", "gpu", jnp.float32, False): "xla",
-        ("xla", "tpu", jnp.bfloat16, True): "xla",
-        ("pallas", "gpu", jnp.bfloat16, True): "pallas_gpu",
-        ("cudnn", "gpu", jnp.float16, True): "cudnn",
+    table = {  # (setting, platform, dtype, head_dim, segments suffice) -> kernel
+        ("auto", "cpu", jnp.float32, 64, True): "xla",
+        ("auto", "cpu", jnp.bfloat16, 64, True): "xla",
+        ("auto", "tpu", jnp.bfloat16, 64, True): "pallas_tpu",
+        ("auto", "tpu", jnp.bfloat16, 64, False): "xla",  # shared-prompt branches: no segment form
+        ("auto", "gpu", jnp.bfloat16, 64, True): "pallas_gpu",
+        ("auto", "gpu", jnp.bfloat16, 128, False): "cudnn",  # cuDNN takes any mask
+        ("auto", "gpu", jnp.bfloat16, 12, False): "xla",  # but not a head dimension off a multiple of 8
+        ("auto", "gpu", jnp.float32, 64, True): "pallas_gpu",
+        ("auto", "gpu", jnp.float32, 64, False): "xla",  # cuDNN's flash kernel is half precision only
+        ("xla", "tpu", jnp.bfloat16, 64, True): "xla",
+        ("pallas", "gpu", jnp.bfloat16, 64, True): "pallas_gpu",
+        ("cudnn", "gpu", jnp.float16, 64, True): "cudnn",
     }
     with jax.set_mesh(sharding.make_mesh(data=8)):
-        for (setting, platform, dtype, suffice), kernel in table.items():
-            assert choose(setting, dtype, segments_suffice=suffice, platform=platform) == kernel, (setting, platform)
+        for (setting, platform, dtype, head_dim, suffice), kernel in table.items():
+            got = choose(setting, dtype, head_dim, segments_suffice=suffice, platform=platform)
+            assert got == kernel, (setting, platform, dtype, head_dim, suffice)
     # several devices and no mesh in context: the inputs may be sharded, which XLA cannot split a
     # Pallas call over (cuDNN's call it can)
-    assert choose("auto", jnp.bfloat16, segments_suffice=True, platform="tpu") == "xla"
-    assert choose("auto", jnp.bfloat16, segments_suffice=True, platform="gpu") == "cudnn"
+    assert choose("auto", jnp.bfloat16, 64, segments_suffice=True, platform="tpu") == "xla"
+    assert choose("auto", jnp.bfloat16, 64, segments_suffice=True, platform="gpu") == "cudnn"
     with pytest.raises(ValueError, match="'cudnn' needs a GPU and a bfloat16/float16 model; this is cpu"):
-        choose("cudnn", jnp.bfloat16, segments_suffice=True, platform="cpu")
+        choose("cudnn", jnp.bfloat16, 64, segments_suffice=True, platform="cpu")
     with pytest.raises(ValueError, match="this is gpu with float32"):
-        choose("cudnn", jnp.float32, segments_suffice=True, platform="gpu")
+        choose("cudnn", jnp.float32, 64, segments_suffice=True, platform="gpu")
     with pytest.raises(ValueError, match="'pallas' runs on TPU or GPU; this is cpu"):
-        choose("pallas", jnp.float32, segments_suffice=True, platform="cpu")
+        choose("pallas", jnp.float32, 64, segments_suffice=True, platform="cpu")
+
+
+def test_a_sequence_is_a_run_of_one_id():
+    """An id seen again after another is another sequence (what its positions already said), for
+    XLA as for the kernels' segment ordinals."""
+    model = Transformer(CFG, rngs=nnx.Rngs(0))
+    ids = jnp.asarray(np.random.default_rng(3).integers(0, 16, (1, 6)), jnp.int32)
+    again = model.hidden(ids, None, jnp.asarray([[1, 1, 2, 2, 1, 1]]))
+    np.testing.assert_allclose(again, model.hidden(ids, None, jnp.asarray([[1, 1, 2, 2, 3, 3]])), rtol=1e-6)
+    np.testing.assert_allclose(again[:, 4:], model.hidden(ids[:, 4:]), rtol=1e-5, atol=1e-6)
 
 
 def test_a_kernel_this_machine_lacks_is_refused_when_the_model_is_built():
@@ -165,9 +177,11 @@ def test_a_kernel_this_machine_lacks_is_refused_when_the_model_is_built():
 
 
 def test_a_half_precision_model_on_a_gpu_reaches_cudnn_with_its_mask(monkeypatch):
-    """``auto`` on a GPU in bfloat16 calls cuDNN with the model's mask, shared-prompt branches
-    included (the call is made here with XLA's implementation: the same function otherwise)."""
-    model = Transformer(CFG, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    """``auto`` on a GPU in bfloat16 calls cuDNN for a mask the Pallas kernel cannot express
+    (shared-prompt branches), padded to an even length (the call is made here with XLA's
+    implementation: the same function otherwise)."""
+    cfg = dataclasses.replace(CFG, num_heads=2, num_kv_heads=1, head_dim=8)  # cuDNN: a multiple of 8
+    model = Transformer(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
     ids = jnp.asarray(np.random.default_rng(2).integers(0, 16, (1, 12)), jnp.int32)
     segment_ids = jnp.asarray([[1] * 12])
     branch_ids = jnp.asarray([[0] * 4 + [1] * 5 + [2] * 3])  # a prompt of 4, two answers after it
@@ -182,7 +196,7 @@ def test_a_half_precision_model_on_a_gpu_reaches_cudnn_with_its_mask(monkeypatch
     monkeypatch.setattr(flash, "_platform", lambda: "gpu")
     monkeypatch.setattr(flash, "dot_product", via_xla)
     got = model.hidden(ids, None, segment_ids, branch_ids)
-    assert calls == ["cudnn"] * CFG.num_layers
+    assert calls == ["cudnn"] * cfg.num_layers
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=2e-2, atol=2e-2)
     # and the second answer is not the first one's continuation: it equals prompt + answer alone
     alone = model.hidden(jnp.concatenate([ids[:, :4], ids[:, 9:]], axis=1))

@@ -45,7 +45,7 @@ class ModelSpec:
         fit 1,536-token rows on an 80 GiB device (``qsharp plan`` shows the figures). Any model,
         ``hf_path`` included; decoding is unaffected.
       attention_kernel: the attention kernel of fitting and scoring forwards: ``auto`` (chosen per
-        platform: Pallas flash on TPU, cuDNN flash on GPU for bfloat16, XLA on CPU), ``xla``,
+        platform: Pallas flash on TPU and GPU, cuDNN for masks Pallas cannot express, XLA on CPU), ``xla``,
         ``pallas`` or ``cudnn`` (:mod:`qsharp_jax.models.flash`). Any model, ``hf_path`` included.
     """
 
@@ -120,7 +120,7 @@ def check_dtype_runs(dtype, devices=None) -> None:
 def build_reference(spec: ModelSpec, dtype=None) -> Transformer:
     dtype = jnp.dtype(spec.dtype) if dtype is None else dtype
     check_dtype_runs(dtype)
-    flash.choose(spec.attention_kernel, dtype, segments_suffice=True)  # a kernel this platform lacks: refused now
+    _check_kernel(spec, dtype)
     if spec.hf_path:
         if spec.preset:
             check_matches(spec.preset, read_config(spec.hf_path), spec.hf_path)
@@ -132,7 +132,7 @@ def build_reference(spec: ModelSpec, dtype=None) -> Transformer:
 def build_value(spec: ModelSpec, head: HeadConfig, dtype=None) -> ValueModel:
     dtype = jnp.dtype(spec.dtype) if dtype is None else dtype
     check_dtype_runs(dtype)
-    flash.choose(spec.attention_kernel, dtype, segments_suffice=True)  # a kernel this platform lacks: refused now
+    _check_kernel(spec, dtype)
     if spec.hf_path:
         if spec.preset:
             check_matches(spec.preset, read_config(spec.hf_path), spec.hf_path)
@@ -143,6 +143,11 @@ def build_value(spec: ModelSpec, head: HeadConfig, dtype=None) -> ValueModel:
     if spec.qk_identity:
         identity_qk(value.backbone, spec.qk_identity)
     return value
+
+
+def _check_kernel(spec: ModelSpec, dtype) -> None:
+    """Refuse an attention kernel this machine lacks now, not at the first fit."""
+    flash.choose(spec.attention_kernel, dtype, spec.transformer_config().head_dim, segments_suffice=True)
 
 
 def with_options(model: Transformer, spec: ModelSpec) -> Transformer:

@@ -3,16 +3,20 @@
 ``TransformerConfig.attention_kernel`` picks it:
 
 * ``auto``: on TPU the Pallas flash kernel (``jax.experimental.pallas.ops.tpu.flash_attention``);
-  on GPU cuDNN's flash attention (``jax.nn.dot_product_attention(implementation="cudnn")``) for
-  bfloat16/float16 models, which is all it takes, and the Pallas (Triton) kernel for float32 ones;
-  on CPU (and anything else) XLA, i.e. :func:`~qsharp_jax.models.transformer.attention`.
+  on GPU the Pallas (Triton) flash kernel (``jax.experimental.pallas.ops.gpu.attention``), and for
+  masks it cannot express cuDNN's flash attention (``jax.nn.dot_product_attention(
+  implementation="cudnn")``) where cuDNN can run it (bfloat16/float16, a head dimension that is a
+  multiple of 8 up to 128, 256 from Hopper on); on CPU (and anything else) XLA, i.e.
+  :func:`~qsharp_jax.models.transformer.attention`.
 * ``xla``: that everywhere; ``pallas`` / ``cudnn``: that kernel, refused where it cannot run.
 
 Only whole-sequence forwards use a kernel (value-model fitting and scoring, where attention is
 ``[B, H, T, T]``). Decoding steps read their KV cache with XLA over the filled blocks: a step's
 query is one token, and what bounds it is reading the cache. The Pallas kernels express a mask as
 segment ids with causality (left or right padding, packed rows); masks beyond that (shared-prompt
-branches, a sliding window shorter than the sequence) fall back to XLA. cuDNN takes any mask.
+branches, a sliding window shorter than the sequence) go to cuDNN or XLA. cuDNN takes any mask.
+A Pallas call is split over the mesh in context (``jax.set_mesh``) by hand; on several devices
+without one in context (inputs that may be sharded) ``auto`` does not pick it.
 """
 
 from __future__ import annotations
@@ -25,15 +29,15 @@ import jax.numpy as jnp
 
 KERNELS = ("auto", "xla", "pallas", "cudnn")
 _HALF = (jnp.bfloat16, jnp.float16)
-_BLOCK = 128  # the Pallas kernels' tile along the sequence: sequences are padded to a multiple
+_BLOCK = 128  # the kernels' tile along the sequence: sequences are padded to a multiple
 
 
-def choose(setting: str, dtype, *, segments_suffice: bool, platform: str | None = None) -> str:
+def choose(setting: str, dtype, head_dim: int, *, segments_suffice: bool, platform: str | None = None) -> str:
     """The kernel a forward runs: ``xla``, ``cudnn``, ``pallas_tpu`` or ``pallas_gpu``.
 
     Args:
-      setting: one of :data:`KERNELS`; dtype: the model's; segments_suffice: the mask is segment
-        ids plus causality (else a Pallas kernel cannot express it: XLA);
+      setting: one of :data:`KERNELS`; dtype, head_dim: the model's; segments_suffice: the mask
+        is segment ids plus causality (else a Pallas kernel cannot express it);
       platform: ``jax.default_backend()`` unless given.
     """
     platform = _platform() if platform is None else platform
@@ -52,14 +56,21 @@ def choose(setting: str, dtype, *, segments_suffice: bool, platform: str | None 
         return f"pallas_{platform}" if segments_suffice else "xla"
     if setting != "auto":
         raise ValueError(f"attention_kernel must be one of {KERNELS}, got {setting!r}")
-    if platform == "gpu" and half:
-        return "cudnn"
     # a Pallas call is split over a mesh by hand (shard_map), which needs the mesh: without one in
     # context on several devices the inputs may be sharded, and XLA would gather them to every device
     unknown_mesh = jax.device_count() > 1 and jax.sharding.get_abstract_mesh().empty
     if platform in ("tpu", "gpu") and segments_suffice and not unknown_mesh:
         return f"pallas_{platform}"
+    if platform == "gpu" and half and _cudnn_runs(head_dim):  # cuDNN splits itself over a mesh
+        return "cudnn"
     return "xla"
+
+
+def _cudnn_runs(head_dim: int) -> bool:
+    """cuDNN's flash attention takes this head dimension on this GPU (Ampere or newer)."""
+    capability = getattr(jax.devices()[0], "compute_capability", None)
+    capability = 9.0 if capability is None else float(capability)  # unknown: assume a recent GPU
+    return capability >= 8.0 and head_dim % 8 == 0 and head_dim <= (256 if capability >= 9.0 else 128)
 
 
 def _platform() -> str:
@@ -72,7 +83,7 @@ def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array
 
     Args:
       q: ``[B, T, H, D]``; k, v: ``[B, T, K, D]`` (H a multiple of K).
-      allowed: bool ``[B, T, T]``, the mask (cuDNN reads it).
+      allowed: bool ``[B, T, T]``, the mask, every token allowed itself (cuDNN reads it).
       segments: int32 ``[B, T]``, a token attends to the earlier tokens (itself included) of its
         own id, which is ``allowed`` (the Pallas kernels read it; None only for cuDNN).
       kernel: from :func:`choose`, not ``xla``.
@@ -80,13 +91,15 @@ def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array
     Returns:
       ``[B, T, H, D]`` in ``v``'s dtype. Rows of padding (their own segment) are finite and meaningless.
     """
-    if kernel == "cudnn":
-        return dot_product(q, k, v, allowed, "cudnn")
-    if kernel not in ("pallas_tpu", "pallas_gpu"):
-        raise ValueError(f"no fused kernel {kernel!r}")
     b, t, h, d = q.shape
     pad = -t % _BLOCK
     widths = ((0, 0), (0, pad), (0, 0), (0, 0))
+    if kernel == "cudnn":  # (training with a mask needs an even length: the padding sees itself only)
+        allowed = jnp.pad(allowed, ((0, 0), (0, pad), (0, pad))) | jnp.eye(t + pad, dtype=bool)
+        q, k, v = (jnp.pad(x, widths) for x in (q, k, v))
+        return dot_product(q, k, v, allowed, "cudnn")[:, :t]
+    if kernel not in ("pallas_tpu", "pallas_gpu"):
+        raise ValueError(f"no fused kernel {kernel!r}")
     # the kernels take as many key-value heads as query heads
     q, k, v = (jnp.pad(jnp.repeat(x, h // x.shape[2], axis=2), widths) for x in (q, k, v))
     segments = jnp.pad(segments.astype(jnp.int32), ((0, 0), (0, pad)), constant_values=-1)  # padding: its own

@@ -69,9 +69,9 @@ class TransformerConfig:
         for fitting long sequences. Decoding is unaffected. A training choice, not part of the
         architecture: every Hugging Face family takes it.
       attention_kernel: the attention of whole-sequence forwards (fitting, scoring): ``auto``
-        (Pallas flash on TPU, cuDNN flash on GPU in bfloat16/float16 and Pallas in float32, XLA on
-        CPU), ``xla``, ``pallas`` or ``cudnn`` (see :mod:`qsharp_jax.models.flash`). Same results
-        up to rounding; decoding is unaffected. Like ``remat``, not part of the architecture.
+        (Pallas flash on TPU and GPU, cuDNN on GPU for masks Pallas cannot express, XLA on CPU),
+        ``xla``, ``pallas`` or ``cudnn`` (see :mod:`qsharp_jax.models.flash`). Same results up
+        to rounding; decoding is unaffected. Like ``remat``, not part of the architecture.
       token_shift: > 0 adds to each position's input a second embedding of the real token that
         many positions back (a "token shift": a pair of tokens in one position, e.g. an edge's two
         ends in "a,b" with 2), so a look-up on the pair needs no previous-token head first; 0:
@@ -419,11 +419,11 @@ class Transformer(nnx.Module):
             chex.assert_shape(segment_ids, input_ids.shape,
                               custom_message="segment_ids must have the shape of input_ids")
             segment_ids = jnp.asarray(segment_ids)
-            allowed &= segment_ids[:, :, None] == segment_ids[:, None, :]
             at = jnp.arange(t)
             starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool),
                                       segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
             runs = jnp.cumsum(starts, axis=1, dtype=jnp.int32)  # each sequence's ordinal, from 1
+            allowed &= runs[:, :, None] == runs[:, None, :]  # a sequence is a run: an id seen again is another
             start = jax.lax.cummax(jnp.where(starts, at, 0), axis=1)  # where each token's sequence starts
             positions = at - start
             back = None
@@ -437,7 +437,8 @@ class Transformer(nnx.Module):
         segments = None
         if branch_ids is None and (self.cfg.sliding_window is None or t <= self.cfg.sliding_window):
             segments = jnp.where(mask, runs, 0)
-        kernel = flash.choose(self.cfg.attention_kernel, self.dtype, segments_suffice=segments is not None)
+        kernel = flash.choose(self.cfg.attention_kernel, self.dtype, self.cfg.head_dim,
+                              segments_suffice=segments is not None)
 
         def attend(q, k, v, _):
             if kernel == "xla":
