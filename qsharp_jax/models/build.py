@@ -45,8 +45,9 @@ class ModelSpec:
         fit 1,536-token rows on an 80 GiB device (``qsharp plan`` shows the figures). Any model,
         ``hf_path`` included; decoding is unaffected.
       attention_kernel: the attention kernel of fitting and scoring forwards: ``auto`` (chosen per
-        platform: Pallas flash on TPU and GPU, cuDNN for masks Pallas cannot express, XLA on CPU), ``xla``,
-        ``pallas`` or ``cudnn`` (:mod:`qsharp_jax.models.flash`). Any model, ``hf_path`` included.
+        platform: Pallas flash on TPU and GPU, cuDNN for masks Pallas cannot express, XLA on
+        CPU), ``xla``, ``pallas`` or ``cudnn`` (:mod:`qsharp_jax.models.flash`). Any model,
+        ``hf_path`` included; a kernel the machine lacks is refused when the model is built.
     """
 
     hf_path: str | None = None

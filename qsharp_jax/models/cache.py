@@ -86,10 +86,10 @@ def refill(cache: KVCache, fresh: KVCache, source: jax.Array) -> KVCache:
     """A ring ``cache`` whose rows b with ``source[b] >= 0`` hold ``fresh``'s sequence ``source[b]``.
 
     ``fresh`` is a prefill of R prompts into its own (non-ring) cache of P slots; its slots go to
-    the P ring slots before ``cache.index`` (wrapping), the row's other slots are masked out, and
-    its positions and token-shift history become the prompt's, its ``start`` the first of those slots. The next token of those rows is
-    written at ``cache.index`` like every other row's, so a sequence of P + N tokens spans P + N
-    slots. Rows are selected, not scattered into, so a cache split over devices by rows stays
+    the P ring slots before ``cache.index`` (wrapping), the row's other slots are masked out, its
+    positions and token-shift history become the prompt's and its ``start`` the first of those
+    slots. The next token of those rows is written at ``cache.index`` like every other row's, so a
+    sequence of P + N tokens spans P + N slots. Rows are selected, not scattered into, so a cache split over devices by rows stays
     split (a scatter along the sharded axis would gather every row on every device).
 
     Args:
