@@ -259,7 +259,7 @@ def generate(
         q_type=bool(value_model is not None and value_model.head_cfg.q_type), top_k=top_k,
         temperature=float(temperature), top_p=float(top_p), eos_id=eos_id, pad_id=pad_id,
         always_guided=always_guided, lookahead=lookahead, share=share, slots=slots, refill=refill,
-        mesh=None if slots is None else _mesh_of(ref_model) or _context_mesh(),
+        mesh=None if slots is None else _mesh_of(ref_model) or sharding_lib.context_mesh(),
     )
     ref_graph, ref_state = nnx.split(ref_model)
     value_graph, value_state = nnx.split(value_model) if value_model is not None else (None, None)
@@ -698,13 +698,6 @@ def _prompts_of(rows: np.ndarray, local: np.ndarray | None, have: np.ndarray, id
     (``[len(local), P]``; the others' are placed by their own hosts)."""
     at = np.searchsorted(have, rows if local is None else rows[local])
     return ids[at], mask[at]
-
-
-def _context_mesh():
-    """The mesh of ``jax.set_mesh`` (the only way to know it when ``generate`` runs under jit with
-    traced parameters, e.g. ``qsharp plan``'s lowering); None: none or one device."""
-    mesh = jax.sharding.get_abstract_mesh()
-    return None if mesh.empty or mesh.size == 1 else mesh
 
 
 def _mesh_of(model: nnx.Module):

@@ -133,6 +133,13 @@ def put(tree: Any, shardings: Any) -> Any:
                         is_leaf=lambda s: isinstance(s, jax.sharding.Sharding))
 
 
+def context_mesh():
+    """The mesh of ``jax.set_mesh`` (under jit the only way to know it: traced parameters do not say
+    which mesh they are on); None: none, or one device."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh.empty or mesh.size == 1 else mesh
+
+
 def from_process_rows(local: np.ndarray, sharding: NamedSharding, rows: int) -> jax.Array:
     """A global ``[rows, ...]`` array split over its rows by ``sharding``, from this process's rows
     alone (``local``: the rows its devices hold, in order; a pod's host passes only what it made).

@@ -27,6 +27,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from qsharp_jax import sharding
+
 KERNELS = ("auto", "xla", "pallas", "cudnn")
 _HALF = (jnp.bfloat16, jnp.float16)
 _BLOCK = 128  # the kernels' tile along the sequence: sequences are padded to a multiple
@@ -125,8 +127,8 @@ def _pallas(q, k, v, segments, *, kernel: str):
 def _per_device(fn, q, k, v, segments):
     """``fn`` on each device's rows and heads of the mesh in context (``jax.set_mesh``; rows over
     ``data`` × ``fsdp``, heads over ``tensor`` where they divide): XLA cannot split a Pallas call."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1:
+    mesh = sharding.context_mesh()
+    if mesh is None:
         return fn(q, k, v, segments)
     sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
     rows = tuple(a for a in ("data", "fsdp") if a in sizes)
