@@ -43,9 +43,24 @@ def test_a_kernel_equals_xla_attention_and_its_gradients(kernel):
         _kernel_equals_xla(kernel)
 
 
+@contextlib.contextmanager
 def interpreted(kernel):
-    """The TPU kernel runs on a CPU in Pallas' TPU interpreter (the GPU one takes ``interpret``)."""
-    return pltpu.force_tpu_interpret_mode() if "tpu" in kernel else contextlib.nullcontext()
+    """The TPU kernel runs on a CPU in Pallas' TPU interpreter (the GPU one takes ``interpret``).
+
+    The interpreter keeps one simulated memory per process behind one lock, and a CI run hung in
+    it (a thread waiting on that lock in a kernel of the fit's backward pass); inside one compiled
+    program XLA may run independent kernels (a backward pass's dq and dkv) side by side. So here
+    every operation runs on its own, after the previous one has finished."""
+    if "tpu" not in kernel:
+        yield
+        return
+    async_dispatch = jax.config.values["jax_cpu_enable_async_dispatch"]
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
+    try:
+        with pltpu.force_tpu_interpret_mode(), jax.disable_jit():
+            yield
+    finally:
+        jax.config.update("jax_cpu_enable_async_dispatch", async_dispatch)
 
 
 def _kernel_equals_xla(kernel):
